@@ -1,0 +1,103 @@
+"""Experiment configs: load an `experiments/*.py` file, apply overrides, validate.
+
+A config file defines `get_config()` returning an `ml_collections.ConfigDict`.
+Overrides look like `--config.train.batch_size=8`; every overridden key must
+already exist in the config (no silent typos), and values are parsed with the
+type of the existing field.
+"""
+from __future__ import annotations
+
+import ast
+import importlib.util
+import os
+from typing import Iterable, Sequence
+
+import ml_collections
+
+
+class ConfigError(ValueError):
+  """A config is malformed; the message names the offending field."""
+
+
+def load_config_file(path: str, arg: str | None = None) -> ml_collections.ConfigDict:
+  """Imports `path` and returns its `get_config(arg)` (or `get_config()`)."""
+  if not os.path.isfile(path):
+    raise ConfigError(f"config file not found: {path}")
+  name = "dreamlite_config_" + os.path.splitext(os.path.basename(path))[0]
+  spec = importlib.util.spec_from_file_location(name, path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  if not hasattr(module, "get_config"):
+    raise ConfigError(f"{path} defines no get_config()")
+  return module.get_config(arg) if arg is not None else module.get_config()
+
+
+def _parse_value(field: str, text: str, current):
+  """Parses `text` into the type of `current` (the field's existing value)."""
+  if isinstance(current, bool):
+    low = text.lower()
+    if low in ("1", "true", "yes", "on"):
+      return True
+    if low in ("0", "false", "no", "off"):
+      return False
+    raise ConfigError(f"config.{field}: expected a bool, got {text!r}")
+  if isinstance(current, str) or current is None:
+    if current is None:
+      try:
+        return ast.literal_eval(text)
+      except (ValueError, SyntaxError):
+        return text
+    return text
+  try:
+    value = ast.literal_eval(text)
+  except (ValueError, SyntaxError) as e:
+    raise ConfigError(f"config.{field}: cannot parse {text!r}") from e
+  if isinstance(current, float) and isinstance(value, int):
+    value = float(value)
+  if isinstance(current, (list, tuple)) and isinstance(value, (list, tuple)):
+    return type(current)(value)
+  if not isinstance(value, type(current)):
+    raise ConfigError(
+        f"config.{field}: expected {type(current).__name__}, got {text!r}")
+  return value
+
+
+def apply_overrides(config: ml_collections.ConfigDict,
+                    overrides: Iterable[str]) -> ml_collections.ConfigDict:
+  """Applies `a.b=v` (or `--config.a.b=v`) strings to `config` in place."""
+  for item in overrides:
+    item = item.removeprefix("--").removeprefix("config.")
+    if "=" not in item:
+      raise ConfigError(f"override {item!r} is not of the form key=value")
+    key, text = item.split("=", 1)
+    *parents, leaf = key.split(".")
+    node = config
+    for i, part in enumerate(parents):
+      if part not in node:
+        raise ConfigError(f"unknown config field: config.{'.'.join(parents[:i + 1])}")
+      node = node[part]
+    if leaf not in node:
+      raise ConfigError(f"unknown config field: config.{key}")
+    with node.ignore_type():
+      node[leaf] = _parse_value(key, text, node[leaf])
+  return config
+
+
+def require(config: ml_collections.ConfigDict, field: str, check, what: str):
+  """Raises ConfigError naming `field` unless `check(value)` holds."""
+  node = config
+  for part in field.split("."):
+    if part not in node:
+      raise ConfigError(f"config.{field} is missing")
+    node = node[part]
+  if not check(node):
+    raise ConfigError(f"config.{field} = {node!r}: {what}")
+
+
+def load_config(path: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
+  """Loads a config file, applies overrides and runs its `validate` if any."""
+  config = load_config_file(path)
+  apply_overrides(config, overrides)
+  from dreamlite_jax import config_schema  # local: keeps config loading pure
+  config_schema.validate(config)
+  return config
