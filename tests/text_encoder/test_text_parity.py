@@ -1,0 +1,92 @@
+"""Our Flax language stack vs transformers' Qwen3-VL text model at a tiny random config."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import torch
+
+from hf_reference import VOCAB, last_layer_output, rel_err
+from dreamlite_jax.models.qwen3_vl import Qwen3VLEncoder
+from dreamlite_jax.models.text_encoder import Qwen3TextConfig, mrope_axis_selector
+from dreamlite_jax.models.text_weights import load_qwen3_vl
+
+TOL = 1e-4
+
+
+def _batch():
+  rng = np.random.default_rng(0)
+  ids = rng.integers(0, VOCAB - 30, size=(2, 11)).astype(np.int32)
+  mask = np.ones((2, 11), np.int32)
+  mask[1, 6:] = 0                                      # right padding on the second row
+  return ids, mask
+
+
+def test_text_stack_matches_transformers_before_and_after_final_norm(hf_vl):
+  model, directory = hf_vl
+  ids, mask = _batch()
+  ref_pre, ref_post = last_layer_output(model, input_ids=torch.tensor(ids, dtype=torch.long),
+                                        attention_mask=torch.tensor(mask))
+  for final_norm, ref in ((False, ref_pre), (True, ref_post)):
+    config, params = load_qwen3_vl(directory, use_vision=False, final_norm=final_norm)
+    ours = Qwen3VLEncoder(config).apply({"params": params}, jnp.asarray(ids), jnp.asarray(mask))
+    err = rel_err(ours, ref)
+    assert err <= TOL, f"final_norm={final_norm}: relative max error {err:.2e}"
+  # Padding must not leak into real tokens: row 1's real tokens equal a run on that prefix alone.
+  alone = Qwen3VLEncoder(config).apply({"params": params}, jnp.asarray(ids[1:, :6]), jnp.asarray(mask[1:, :6]))
+  np.testing.assert_allclose(np.asarray(alone)[0], np.asarray(ours)[1, :6], atol=1e-5)
+
+
+def test_text_config_from_hf_matches_fields(hf_vl):
+  model, _ = hf_vl
+  cfg = Qwen3TextConfig.from_hf_config(model.config.to_dict())
+  assert (cfg.hidden_size, cfg.num_layers, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim) == (64, 3, 4, 2, 16)
+  assert cfg.mrope_section == (2, 3, 3) and cfg.rope_theta == 5e6
+
+
+def test_mrope_selector_matches_interleaved_layout():
+  # Qwen3-VL-2B: 64 frequencies, sections (24, 20, 20): h at 1,4,..,58, w at 2,5,..,59, t elsewhere.
+  sel = mrope_axis_selector(128, (24, 20, 20))
+  axis = sel.argmax(0)
+  assert sel.sum(0).tolist() == [1.0] * 64
+  assert list(np.nonzero(axis == 1)[0]) == list(range(1, 60, 3))
+  assert list(np.nonzero(axis == 2)[0]) == list(range(2, 60, 3))
+  assert (axis == 0).sum() == 24
+
+
+def test_text_only_forward_lowers_with_rank_at_most_4():
+  config = Qwen3TextConfig.tiny()
+  from dreamlite_jax.models.qwen3_vl import Qwen3VLConfig
+  vl = Qwen3VLConfig(text=config, vision=None)
+  model = Qwen3VLEncoder(vl)
+  ids = jnp.zeros((1, 16), jnp.int32)
+  mask = jnp.ones((1, 16), jnp.int32)
+  params = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), ids, mask))["params"]
+  embeds = jax.ShapeDtypeStruct((1, 16, config.hidden_size), jnp.float32)
+
+  def forward(p, e, m):
+    return model.apply({"params": p}, e, m, method=Qwen3VLEncoder.forward_embeddings)
+
+  jaxpr = jax.make_jaxpr(jax.jit(forward))(params, embeds, mask)
+  eqns = list(_all_eqns(jaxpr.jaxpr))
+  ranks = {(e.primitive.name, v.aval.ndim) for e in eqns for v in e.outvars if v.aval.ndim > 4}
+  assert not ranks, f"rank > 4 tensors in the text-only forward: {ranks}"
+  prims = {e.primitive.name for e in eqns}
+  assert not prims & {"gather", "scatter", "scatter-add", "while", "cond"}, prims
+  assert "dot_general" in prims                     # the check saw the real graph
+  full = jax.make_jaxpr(lambda p, i, m: model.apply({"params": p}, i, m))(params, ids, mask)
+  gathers = [e for e in _all_eqns(full.jaxpr) if e.primitive.name == "gather"]
+  assert len(gathers) == 1, "only the embedding lookup may gather"
+
+
+def _all_eqns(jaxpr):
+  for eqn in jaxpr.eqns:
+    yield eqn
+    for sub in jax.core.subjaxprs(eqn) if hasattr(jax.core, "subjaxprs") else _subjaxprs(eqn):
+      yield from _all_eqns(sub)
+
+
+def _subjaxprs(eqn):
+  for v in eqn.params.values():
+    if hasattr(v, "jaxpr") and hasattr(v.jaxpr, "eqns"):
+      yield v.jaxpr
+    elif hasattr(v, "eqns"):
+      yield v
