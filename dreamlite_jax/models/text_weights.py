@@ -23,10 +23,8 @@ from flax import traverse_util
 from safetensors import safe_open
 
 from dreamlite_jax.models.qwen3_vl import Qwen3VLConfig, Qwen3VLEncoder
+from dreamlite_jax.training.mesh import logical_shardings
 
-# Logical axis -> mesh axis used when the caller gives a mesh but no rules.
-DEFAULT_RULES = (("vocab", "tensor"), ("embed", "fsdp"), ("heads", "tensor"), ("kv", "tensor"),
-                 ("mlp", "tensor"), ("norm", None))
 # Tensors a checkpoint may hold that DreamLite never reads.
 KNOWN_UNUSED = ("lm_head.weight",)
 _LIST_LIMIT = 20
@@ -139,8 +137,8 @@ def _format(kind: str, names: list[str]) -> str:
 
 
 def load_qwen3_vl(directory: str, config: Qwen3VLConfig | None = None, use_vision: bool = True,
-                  final_norm: bool = True, dtype: Any = jnp.float32, mesh: jax.sharding.Mesh | None = None,
-                  rules: tuple[tuple[str, Any], ...] | None = None) -> tuple[Qwen3VLConfig, dict]:
+                  final_norm: bool = True, dtype: Any = jnp.float32,
+                  mesh: jax.sharding.Mesh | None = None) -> tuple[Qwen3VLConfig, dict]:
   """Loads params for `Qwen3VLEncoder` from a transformers checkpoint directory.
 
   Args:
@@ -149,8 +147,8 @@ def load_qwen3_vl(directory: str, config: Qwen3VLConfig | None = None, use_visio
     use_vision: False loads the text stack only (vision tensors become known-unused).
     final_norm: whether the encoder applies the LLM's final norm (see `Qwen3VLConfig`).
     dtype: parameter dtype (`jnp.bfloat16` for the 2B model on small hosts).
-    mesh: when given, each tensor is placed with the NamedSharding its logical
-      axes get under `rules` (default `DEFAULT_RULES`).
+    mesh: when given, each tensor is placed straight onto the NamedSharding its
+      logical axes get from `training.mesh.logical_shardings`.
   Returns:
     (config, params) where params is the `{'language_model': ..., 'visual': ...}` tree.
   Raises:
@@ -161,7 +159,7 @@ def load_qwen3_vl(directory: str, config: Qwen3VLConfig | None = None, use_visio
   model = Qwen3VLEncoder(config, param_dtype=dtype)
   abstract = _abstract_params(model, config)
   flat = traverse_util.flatten_dict(nn.unbox(abstract))
-  shardings = _shardings(abstract, mesh, rules) if mesh is not None else None
+  shardings = _shardings(abstract, mesh) if mesh is not None else None
 
   expected = {hf_name(p): p for p in flat}
   missing = sorted(n for n in expected if n not in files.where)
@@ -210,10 +208,8 @@ def _abstract_params(model: Qwen3VLEncoder, config: Qwen3VLConfig):
   return jax.eval_shape(init)["params"]
 
 
-def _shardings(abstract, mesh, rules) -> dict:
-  specs = nn.get_partition_spec(abstract)
-  shardings = nn.logical_to_mesh_sharding(specs, mesh, rules or DEFAULT_RULES)
-  return traverse_util.flatten_dict(shardings)
+def _shardings(abstract, mesh) -> dict:
+  return traverse_util.flatten_dict(logical_shardings(abstract, mesh))
 
 
 def init_params(config: Qwen3VLConfig, rng: jax.Array, dtype: Any = jnp.float32) -> dict:
