@@ -73,6 +73,11 @@ class FileCodePath:
     return epath.Path(inspect.getfile(cls))
 
 
+def config_arg(builder_cls: type, config: FolderConfig) -> FolderConfig | str:
+  """TFDS refuses a config object equal to a predefined one; pass that one by name."""
+  return config.name if config.name in builder_cls.builder_configs else config
+
+
 def bucket_feature() -> tfds.features.Tensor:
   return tfds.features.Tensor(shape=(2,), dtype=np.int32)
 

@@ -64,7 +64,7 @@ def build(root: str | os.PathLike, data_dir: str | os.PathLike, *, resolution: i
           manifest: str = "captions.jsonl") -> tuple[T2IFolder, manifests.SkipReport]:
   """Prepares (once) the folder `root` into `data_dir`; returns the builder and skip report."""
   config = folder_datasets.make_config(resolution, aspect_ratios, min_side, manifest)
-  builder = T2IFolder(config=config, data_dir=os.fspath(data_dir), file_format="array_record")
+  builder = T2IFolder(config=folder_datasets.config_arg(T2IFolder, config), data_dir=os.fspath(data_dir), file_format="array_record")
   report = folder_datasets.prepare(builder, root)
   return builder, report
 

@@ -148,7 +148,8 @@ def edit_root(tmp_path):
 
 
 def test_edit_triplets_builder_skips_and_loads_aligned_bucketed_batches(edit_root, tmp_path):
-  builder, report = edit_triplets.build(edit_root, tmp_path / "tfds", resolution=64, min_side=32)
+  # Default resolution (256): the builder's predefined config.
+  builder, report = edit_triplets.build(edit_root, tmp_path / "tfds", min_side=32)
   assert report.kept == 6
   assert dict(report.skipped) == {"mismatched_pair": 1, "missing_file": 1,
                                   "path_escapes_root": 1, "empty_caption": 1, "bad_json_line": 1}
@@ -161,6 +162,6 @@ def test_edit_triplets_builder_skips_and_loads_aligned_bucketed_batches(edit_roo
   prompts = sorted(p for b in batches for p in b["prompt"])
   assert prompts == [f"edit {i}" for i in range(6)]
   for b in batches:
-    assert b["target"].shape == (3, 64, 64, 3) and b["target"].dtype == np.float32
+    assert b["target"].shape == (3, 256, 256, 3) and b["target"].dtype == np.float32
     np.testing.assert_array_equal(b["is_edit"], 1.0)
     np.testing.assert_array_equal(b["condition"], b["target"])   # identical pair, shared crop
