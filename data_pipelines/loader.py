@@ -16,12 +16,14 @@ would have come next.
 
 Bucketed sources (folder datasets exposing `buckets` and `bucket_ids()`) get one
 such stream per bucket, batched at the bucket's size, and batches from the
-buckets interleaved in proportion to their sizes.
+buckets interleaved in proportion to their sizes (a bucket too small to fill one
+global batch is left out with a warning naming it).
 """
 from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
 
@@ -115,6 +117,37 @@ class DataIterator:
     if diff:
       raise ValueError("data iterator state does not match this loader: " + "; ".join(diff))
     self._iter.set_state(state["grain"])
+
+
+class MappedIterator:
+  """A `DataIterator` whose batches pass through `fn`, keeping get_state/set_state.
+
+  For per-batch work that belongs next to the step, not in the loader: e.g.
+  encoding prompts and images online, or dropping the string `prompt` field
+  before the batch is sharded onto devices.
+  """
+
+  def __init__(self, base: "DataIterator | MappedIterator",
+               fn: Callable[[dict[str, np.ndarray]], dict[str, Any]]):
+    self.base, self.fn = base, fn
+
+  def __iter__(self) -> "MappedIterator":
+    return self
+
+  def __next__(self) -> dict[str, Any]:
+    return self.fn(next(self.base))
+
+  def get_state(self) -> dict[str, Any]:
+    return self.base.get_state()
+
+  def set_state(self, state: Mapping[str, Any]) -> None:
+    self.base.set_state(state)
+
+
+def map_batches(it: "DataIterator | MappedIterator",
+                fn: Callable[[dict[str, np.ndarray]], dict[str, Any]]) -> MappedIterator:
+  """`it` with every batch replaced by `fn(batch)`; its saved state stays exact."""
+  return MappedIterator(it, fn)
 
 
 def _stream(sources: Sequence[Source], weights: Sequence[float], seed: int,
@@ -211,14 +244,17 @@ def _bucketed_batches(sources, weights, seed, num_epochs, crop, global_batch_siz
     subs = [(_Subset(src, np.flatnonzero(i == b)), w) for src, i, w in zip(sources, ids, weights)]
     subs = [(s, w) for s, w in subs if len(s)]
     n = sum(len(s) for s, _ in subs)
-    if n < global_batch_size:  # Too few to fill one global batch; say so, do not drop silently.
+    if n < global_batch_size:  # Cannot fill one global batch: left out, loudly.
       if n:
-        raise ValueError(f"bucket {bucket} holds {n} examples, fewer than one global batch "
-                         f"({global_batch_size}); use fewer buckets or a smaller batch")
+        logging.warning("bucket %s holds %d examples, fewer than one global batch (%d): "
+                        "left out of the stream; use fewer buckets or a smaller batch",
+                        bucket, n, global_batch_size)
       continue
     stream = _stream([s for s, _ in subs], [w for _, w in subs], seed + b, num_epochs)
     per_bucket.append(_host_batches(stream, bucket, crop, seed + b, **host))
     counts.append(n)
+  if not per_bucket:
+    raise ValueError(f"no bucket of {buckets} holds a full global batch of {global_batch_size}")
   if len(per_bucket) == 1:
     return per_bucket[0]
   return grain.MapDataset.mix(per_bucket, weights=counts)

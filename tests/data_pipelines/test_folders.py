@@ -1,5 +1,6 @@
 """Folder datasets: every bad item is skipped and counted; TFDS builders round-trip."""
 import json
+import logging
 import os
 from pathlib import Path
 
@@ -102,7 +103,7 @@ def test_buckets_and_shared_crop():
     images.fit([a], (32, 32), "middle")
 
 
-def test_t2i_tfds_builder_round_trip(t2i_root, tmp_path):
+def test_t2i_tfds_builder_round_trip(t2i_root, tmp_path, caplog):
   builder, report = t2i_folder.build(t2i_root, tmp_path / "tfds", resolution=64, min_side=32)
   assert dict(report.skipped) == EXPECTED_T2I_SKIPS and report.kept == 4
   saved = json.loads((Path(builder.data_dir) / "skip_report.json").read_text())
@@ -121,6 +122,13 @@ def test_t2i_tfds_builder_round_trip(t2i_root, tmp_path):
   assert by_caption["a tall photo"]["bucket"] == (96, 64)   # 3:4 is nearer 2:3 than 1:1
   buckets = source.buckets
   assert [buckets[b] for b in source.bucket_ids()] == [r["bucket"] for r in records]
+  # Bucketed batches: only the square bucket (2 items) fills a global batch of 2.
+  with caplog.at_level(logging.WARNING):
+    batches = list(loader.make_loader([source], global_batch_size=2, bucketed=True,
+                                      num_epochs=1, process_index=0, process_count=1))
+  assert len(batches) == 1 and batches[0]["target"].shape == (2, 64, 64, 3)
+  assert sorted(batches[0]["prompt"]) == ["a square photo", "the square again, second caption"]
+  assert "bucket (64, 96) holds 1 examples" in caplog.text
   # A second build reuses the prepared data and the saved report.
   _, again = t2i_folder.build(t2i_root, tmp_path / "tfds", resolution=64, min_side=32)
   assert again.to_dict() == report.to_dict()

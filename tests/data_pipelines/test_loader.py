@@ -86,6 +86,18 @@ def test_save_restore_continues_with_the_very_next_batches():
       np.testing.assert_array_equal(got[key], want[key], err_msg=key)
 
 
+def test_mapped_iterator_keeps_exact_resume():
+  encode = lambda b: {"mean": b["target"].mean(axis=(1, 2, 3)), "is_edit": b["is_edit"]}
+  it = loader.map_batches(_joint(), encode)
+  next(it)
+  state = it.get_state()
+  want = next(it)
+  assert set(want) == {"mean", "is_edit"}
+  again = loader.map_batches(_joint(), encode)
+  again.set_state(state)
+  np.testing.assert_array_equal(next(again)["mean"], want["mean"])
+
+
 def test_restore_into_different_settings_names_them():
   state = _joint(seed=3).get_state()
   other = _joint(seed=4)
