@@ -292,7 +292,7 @@ def _apply_edit(rng, split: str, edit_type: str, source: Scene):
     return target, background, params
   if edit_type == "resize":
     options = (["bigger"] if obj["size"] <= 0.28 * m else []) + (
-        ["smaller"] if obj["size"] >= 0.27 * m else [])
+        ["smaller"] if obj["size"] >= 0.3 * m else [])
     if not options:
       return None
     direction = _pick(rng, options)
