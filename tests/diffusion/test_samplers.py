@@ -1,4 +1,6 @@
 """Samplers against an exact velocity field (2-D Gaussian mixture) and direct densities."""
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -81,14 +83,20 @@ def test_sde_reproduces_mixture_moments():
 def test_sde_log_probs_match_direct_gaussian_density():
   n, steps, level = 16, 6, 0.8
   sigmas = flow.sampling_sigmas(steps, mu=1.15)
-  out = sampling.sde_sample(mixture_velocity_fn, _noise(n), jnp.zeros_like(_noise(n)), sigmas,
-                            _cond(n), jax.random.PRNGKey(3), noise_level=level)
+  z = _noise(n)
+  run = jax.jit(lambda key, lvl: sampling.sde_sample(mixture_velocity_fn, z, jnp.zeros_like(z),
+                                                     sigmas, _cond(n), key, noise_level=lvl))
+  out = run(jax.random.PRNGKey(3), level)
   traj = np.asarray(out.trajectory, np.float64)[:, :, 0, 0]
   s_np = np.asarray(sigmas, np.float64)
+  velocity = jax.jit(_exact_velocity)
+  score = jax.jit(lambda x, v, i, prev: sampling.sde_step(
+      x[:, None, None], v[:, None, None], jnp.asarray(sigmas)[i], jnp.asarray(sigmas)[i + 1],
+      sigmas[1], level, prev_sample=prev).log_prob)
   for i in range(steps):
     s, s_next = s_np[i], s_np[i + 1]
     x = traj[i]
-    v = np.asarray(_exact_velocity(jnp.asarray(x, jnp.float32), jnp.float32(s)), np.float64)
+    v = np.asarray(velocity(jnp.asarray(x, jnp.float32), jnp.float32(s)), np.float64)
     a = level * np.sqrt(s / (1 - (s_np[1] if s == 1 else s)))
     dt = s_next - s
     mean = x + (v + a**2 / (2 * s) * (x + (1 - s) * v)) * dt
@@ -96,17 +104,13 @@ def test_sde_log_probs_match_direct_gaussian_density():
     expected = stats.norm.logpdf(traj[i + 1], mean, std).mean(-1)
     np.testing.assert_allclose(np.asarray(out.log_probs[i]), expected, rtol=1e-4, atol=1e-4)
     # Scoring the stored trajectory (what RL training does) gives the same numbers.
-    again = sampling.sde_step(jnp.asarray(traj[i], jnp.float32)[:, None, None],
-                              jnp.asarray(v, jnp.float32)[:, None, None], sigmas[i],
-                              sigmas[i + 1], sigmas[1], level,
-                              prev_sample=out.trajectory[i + 1])
-    np.testing.assert_allclose(again.log_prob, out.log_probs[i], rtol=1e-4, atol=1e-4)
+    again = score(jnp.asarray(traj[i], jnp.float32), jnp.asarray(v, jnp.float32), i,
+                  out.trajectory[i + 1])
+    np.testing.assert_allclose(again, out.log_probs[i], rtol=1e-4, atol=1e-4)
   # An ODE step (noise level 0) is deterministic and has log-prob 0.
-  ode = sampling.sde_sample(mixture_velocity_fn, _noise(n), jnp.zeros_like(_noise(n)), sigmas,
-                            _cond(n), jax.random.PRNGKey(3), noise_level=0.0)
+  ode = run(jax.random.PRNGKey(3), 0.0)
   np.testing.assert_array_equal(ode.log_probs, 0.0)
-  euler = sampling.euler_sample(mixture_velocity_fn, _noise(n), jnp.zeros_like(_noise(n)), sigmas,
-                                _cond(n))
+  euler = sampling.euler_sample(mixture_velocity_fn, z, jnp.zeros_like(z), sigmas, _cond(n))
   np.testing.assert_allclose(ode.latents, euler, atol=1e-5)
 
 
@@ -127,27 +131,30 @@ def test_guidance_matches_pipeline_formulas():
   uncond = {"text": jax.random.normal(ks[3], (b, 4))}
   sigma, g, g_img = jnp.float32(0.6), 3.5, 1.5
 
+  @jax.jit
   def branch(xx, c, tree):
     canvas = packing.pack(xx, c)
     return packing.unpack_target(_affine_velocity_fn(canvas, jnp.full((b,), 600.0), tree))
 
+  guided = jax.jit(functools.partial(sampling.guided_velocity, _affine_velocity_fn))
+
   zeros = jnp.zeros_like(source)
   u, c = branch(x, zeros, uncond), branch(x, zeros, cond)
-  got = sampling.guided_velocity(_affine_velocity_fn, x, zeros, sigma, cond, uncond, g)
+  got = guided(x, zeros, sigma, cond, uncond, g)
   np.testing.assert_allclose(got, u + g * (c - u), atol=1e-5)
 
   u, v_img, v_txt = branch(x, zeros, uncond), branch(x, source, uncond), branch(x, source, cond)
-  got = sampling.guided_velocity(_affine_velocity_fn, x, source, sigma, cond, uncond, g, g_img)
+  got = guided(x, source, sigma, cond, uncond, g, g_img)
   np.testing.assert_allclose(got, u + g * (v_txt - v_img) + g_img * (v_img - u), atol=1e-5)
 
   # In a mixed batch, dual guidance on a T2I example (zero condition) is text CFG.
   mixed = packing.condition_latents(source, jnp.array([1, 0, 1]), source)
-  dual = sampling.guided_velocity(_affine_velocity_fn, x, mixed, sigma, cond, uncond, g, g_img)
-  text_only = sampling.guided_velocity(_affine_velocity_fn, x, mixed, sigma, cond, uncond, g)
+  dual = guided(x, mixed, sigma, cond, uncond, g, g_img)
+  text_only = guided(x, mixed, sigma, cond, uncond, g)
   np.testing.assert_allclose(dual[1], text_only[1], atol=1e-5)
   assert not np.allclose(dual[0], text_only[0], atol=1e-3)
 
-  no_cfg = sampling.guided_velocity(_affine_velocity_fn, x, source, sigma, cond)
+  no_cfg = guided(x, source, sigma, cond)
   np.testing.assert_allclose(no_cfg, branch(x, source, cond), atol=1e-6)
   with pytest.raises(ValueError, match="guidance_scale is None"):
     sampling.guided_velocity(_affine_velocity_fn, x, source, sigma, cond, uncond)
@@ -179,21 +186,27 @@ def test_few_step_sampler():
   n = 4000
   sigmas = flow.sampling_sigmas(4, mu=1.15)
   z = _noise(n, 5)
-  euler = sampling.euler_sample(mixture_velocity_fn, z, jnp.zeros_like(z), sigmas, _cond(n))
-  np.testing.assert_array_equal(
-      sampling.few_step_sample(mixture_velocity_fn, z, jnp.zeros_like(z), sigmas, _cond(n)), euler)
+  run = jax.jit(lambda fn: fn(mixture_velocity_fn, z, jnp.zeros_like(z), sigmas, _cond(n)),
+                static_argnums=0)
+  np.testing.assert_array_equal(run(sampling.few_step_sample), run(sampling.euler_sample))
   # The re-noising form: x0 = x - s v, then (1 - s') x0 + s' e' with fresh noise.
   z = _noise(3, 7)
   cond = {"text": jnp.ones((3, 2))}
   sigmas = flow.sampling_sigmas(3, mu=0.5)
   key = jax.random.PRNGKey(6)
-  got = sampling.few_step_sample(_affine_velocity_fn, z, jnp.zeros_like(z), sigmas, cond, rng=key)
-  x = z
-  for i, k in enumerate(jax.random.split(key, 3)):
-    s, s_next = sigmas[i], sigmas[i + 1]
-    canvas = packing.pack(x, jnp.zeros_like(x))
-    v = packing.unpack_target(_affine_velocity_fn(canvas, jnp.full((3,), s * 1000), cond))
-    x = (1 - s_next) * (x - s * v) + s_next * jax.random.normal(k, x.shape)
-  np.testing.assert_allclose(got, x, atol=1e-5)
-  assert not np.allclose(got, sampling.few_step_sample(_affine_velocity_fn, z, jnp.zeros_like(z),
-                                                       sigmas, cond), atol=1e-3)
+
+  @jax.jit
+  def manual(x):
+    for i, k in enumerate(jax.random.split(key, 3)):
+      s, s_next = sigmas[i], sigmas[i + 1]
+      canvas = packing.pack(x, jnp.zeros_like(x))
+      v = packing.unpack_target(_affine_velocity_fn(canvas, jnp.full((3,), s * 1000), cond))
+      x = (1 - s_next) * (x - s * v) + s_next * jax.random.normal(k, x.shape)
+    return x
+
+  few = jax.jit(lambda z, key: sampling.few_step_sample(_affine_velocity_fn, z, jnp.zeros_like(z),
+                                                        sigmas, cond, rng=key))
+  got = few(z, key)
+  np.testing.assert_allclose(got, manual(z), atol=1e-5)
+  assert not np.allclose(got, sampling.euler_sample(_affine_velocity_fn, z, jnp.zeros_like(z),
+                                                    sigmas, cond), atol=1e-3)
