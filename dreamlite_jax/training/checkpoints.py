@@ -1,0 +1,190 @@
+"""Orbax checkpoints of a run: the train state, each host's data iterator, the config.
+
+A checkpoint step directory holds three named items:
+  `state/`  the TrainState (sharded arrays; every host writes its shards),
+  `data/`   one JSON file per process with that host's iterator state,
+  `config/` the run's config as JSON (for humans and converters).
+Saves are asynchronous and atomic (orbax writes to a temporary directory and
+renames it when complete), and only the newest `keep` steps are kept.
+
+`restore_or_init` is the one place that writes the resume order:
+the workdir's own latest checkpoint, else the stage's `init_from` (params and
+EMA of a previous stage), else a fresh state.
+"""
+from __future__ import annotations
+
+import base64
+import dataclasses
+import json
+import os
+from typing import Any, Callable
+
+import jax
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+from etils import epath
+
+from dreamlite_jax.config import ConfigError
+from dreamlite_jax.training.state import TrainState
+
+CHECKPOINT_SUBDIR = "checkpoints"
+
+
+class DataStateHandler(ocp.CheckpointHandler):
+  """Writes `process_{i}-of-{n}.json` per host: data iterators differ per host."""
+
+  def save(self, directory: epath.Path, args: "DataStateSave"):
+    filename = directory / f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+    value = args.state
+    if isinstance(value, bytes):
+      record = {"kind": "bytes", "value": base64.b64encode(value).decode("ascii")}
+    else:
+      record = {"kind": "json", "value": value}
+    filename.write_text(json.dumps(record))
+
+  def restore(self, directory: epath.Path, args: "DataStateRestore | None" = None) -> Any:
+    filename = directory / f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+    if not filename.exists():
+      raise FileNotFoundError(
+          f"{filename}: no data iterator state for this process (was the checkpoint written "
+          f"with a different number of processes?)")
+    record = json.loads(filename.read_text())
+    if record["kind"] == "bytes":
+      return base64.b64decode(record["value"])
+    return record["value"]
+
+  def metadata(self, directory: epath.Path) -> None:
+    return None
+
+  def finalize(self, directory: epath.Path) -> None:
+    pass
+
+  def close(self) -> None:
+    pass
+
+
+@ocp.args.register_with_handler(DataStateHandler, for_save=True)
+@dataclasses.dataclass
+class DataStateSave(ocp.args.CheckpointArgs):
+  state: Any
+
+
+@ocp.args.register_with_handler(DataStateHandler, for_restore=True)
+@dataclasses.dataclass
+class DataStateRestore(ocp.args.CheckpointArgs):
+  pass
+
+
+def checkpoint_dir(workdir: str) -> str:
+  return os.path.join(os.path.abspath(workdir), CHECKPOINT_SUBDIR)
+
+
+def make_manager(directory: str, keep: int = 3, async_save: bool = True) -> ocp.CheckpointManager:
+  """A CheckpointManager over `directory` with items state / data / config."""
+  options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,
+                                         create=True)
+  return ocp.CheckpointManager(os.path.abspath(directory), options=options,
+                               item_names=("state", "data", "config"))
+
+
+def save(manager: ocp.CheckpointManager, state: TrainState, data_state: Any,
+         config: ml_collections.ConfigDict | None, *, force: bool = True) -> bool:
+  """Starts saving `state` at `state.step` (async); `data_state` is captured now."""
+  step = int(jax.device_get(state.step))
+  items = {"state": ocp.args.StandardSave(state),
+           "data": DataStateSave(data_state)}
+  config_json = json.loads(config.to_json_best_effort()) if config is not None else {}
+  items["config"] = ocp.args.JsonSave(config_json)
+  return manager.save(step, args=ocp.args.Composite(**items), force=force)
+
+
+def restore(manager: ocp.CheckpointManager, abstract_state: TrainState,
+            step: int | None = None) -> tuple[TrainState, Any]:
+  """Restores (state, data_state) at `step` (default latest) into `abstract_state`'s shardings."""
+  step = manager.latest_step() if step is None else step
+  if step is None:
+    raise FileNotFoundError(f"no checkpoint in {manager.directory}")
+  restored = manager.restore(step, args=ocp.args.Composite(
+      state=ocp.args.StandardRestore(abstract_state), data=DataStateRestore()))
+  return restored["state"], restored["data"]
+
+
+def _resolve_checkpoints(path: str) -> str:
+  """Accepts a workdir or its `checkpoints/` directory."""
+  path = os.path.abspath(path)
+  nested = os.path.join(path, CHECKPOINT_SUBDIR)
+  return nested if os.path.isdir(nested) else path
+
+
+def _restore_params_and_ema(directory: str, step: int, abstract: dict[str, Any] | None) -> dict:
+  """Reads only `params` and `ema_params` of the state item (partial restore)."""
+  with ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True),
+                             item_names=("state",)) as manager:
+    if step < 0:
+      step = manager.latest_step()
+    if step is None or step not in manager.all_steps():
+      raise FileNotFoundError(f"{directory}: no checkpoint step {step} "
+                              f"(have {sorted(manager.all_steps())})")
+    if abstract is None:
+      metadata = manager.item_metadata(step)["state"]
+      tree = metadata.tree if hasattr(metadata, "tree") else metadata
+      abstract = {k: jax.tree.map(
+          lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype,
+                                         sharding=jax.sharding.SingleDeviceSharding(
+                                             jax.local_devices()[0])), tree[k])
+                  for k in ("params", "ema_params") if k in tree}
+    restore_args = ocp.checkpoint_utils.construct_restore_args(abstract)
+    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+        item=abstract, restore_args=restore_args, partial_restore=True)))
+    return restored["state"]
+
+
+def load_params(checkpoint_dir: str, step: int = -1, ema: bool = False) -> Any:
+  """The params pytree (or the EMA params) of a run, as host-local jax arrays.
+
+  `checkpoint_dir` is a workdir or its `checkpoints/` folder; `step` -1 = latest.
+  For pipelines and converters; no optimiser state is read.
+  """
+  directory = _resolve_checkpoints(checkpoint_dir)
+  if not os.path.isdir(directory):
+    raise FileNotFoundError(f"checkpoint directory not found: {checkpoint_dir}")
+  tree = _restore_params_and_ema(directory, step, None)
+  key = "ema_params" if ema else "params"
+  if key not in tree:
+    raise KeyError(f"{directory}: checkpoint has no {key!r}")
+  return tree[key]
+
+
+def restore_or_init(config: ml_collections.ConfigDict, manager: ocp.CheckpointManager,
+                    abstract_state: TrainState, create: Callable[[], TrainState],
+                    ) -> tuple[TrainState, Any, str]:
+  """The resume order, written once. Returns (state, data_state or None, source).
+
+  1. the workdir's latest checkpoint (exact resume: state + data iterator);
+  2. `config.init_from.workdir` (a previous stage): its params and EMA go into
+     a fresh state (new optimiser, step 0); `init_from.ema_as_params` starts
+     the params from the parent's EMA;
+  3. a fresh state from `create()`.
+  """
+  if manager.latest_step() is not None:
+    state, data_state = restore(manager, abstract_state)
+    return state, data_state, f"resumed from {manager.directory} step {int(state.step)}"
+  init_from = config.init_from
+  if init_from.workdir:
+    directory = _resolve_checkpoints(init_from.workdir)
+    if not os.path.isdir(directory):
+      raise ConfigError(f"config.init_from.workdir = {init_from.workdir!r}: no such checkpoint "
+                        f"directory")
+    state = create()
+    abstract = {"params": abstract_state.params, "ema_params": abstract_state.ema_params}
+    parent = _restore_params_and_ema(directory, init_from.step, abstract)
+    params = parent["ema_params"] if init_from.ema_as_params else parent["params"]
+    state = state.replace(params=params, ema_params=parent["ema_params"])
+    return state, None, f"initialised from {directory} (params + EMA)"
+  return create(), None, "fresh init"
+
+
+def as_numpy(tree: Any) -> Any:
+  """Fully-addressable arrays -> numpy (for tests and exports)."""
+  return jax.tree.map(np.asarray, jax.device_get(tree))

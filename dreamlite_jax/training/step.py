@@ -1,0 +1,114 @@
+"""The jitted train step shared by every stage: `(state, batch, rng) -> (state, metrics)`.
+
+A stage supplies only `loss_fn(params, batch, rng) -> (loss, metrics)`. This
+module adds gradient accumulation, mixed precision, global-norm reporting, the
+NaN/inf guard (a non-finite loss or gradient drops the update and increments
+`state.skipped`), the EMA update, explicit shardings and state donation.
+"""
+from __future__ import annotations
+
+import time
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from dreamlite_jax.training import mesh as mesh_lib
+from dreamlite_jax.training.state import TrainState, cast_params, update_ema
+
+LossFn = Callable[[Any, Any, jax.Array], tuple[jax.Array, dict[str, jax.Array]]]
+
+
+def _microbatches(batch: Any, accum_steps: int, mesh: Mesh) -> Any:
+  """`[B, ...]` -> `[A, B/A, ...]` taking every A-th row, so each device's rows stay local."""
+  def split(x):
+    if x.shape[0] % accum_steps:
+      raise ValueError(f"batch leaf of shape {x.shape}: batch size not divisible by "
+                       f"config.train.accum_steps = {accum_steps}")
+    x = x.reshape(x.shape[0] // accum_steps, accum_steps, *x.shape[1:]).swapaxes(0, 1)
+    spec = P(None, mesh_lib.BATCH_AXES, *([None] * (x.ndim - 2)))
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+  return jax.tree.map(split, batch)
+
+
+def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, mesh: Mesh,
+                    state_shardings: TrainState, *, accum_steps: int = 1,
+                    compute_dtype: jnp.dtype = jnp.float32, ema_decay: float = 0.999,
+                    schedule: optax.Schedule | None = None) -> Callable:
+  """Returns the jitted step `(state, batch, rng) -> (state, metrics)`.
+
+  `batch` leaves are global arrays `[B, ...]` split over ('data', 'fsdp');
+  `rng` is the run's base key (raw `[2]` uint32, replicated): the step's key is
+  `fold_in(rng, state.step)` and microbatch `i` uses `fold_in(key, i)`.
+  `state` is donated. Metrics: `loss`, `grad_norm`, `finite` (1/0), `skipped`
+  (the running count), `lr` (if `schedule`), plus `loss_fn`'s own metrics,
+  all averaged over microbatches.
+  """
+  def grads_of(params, batch, key):
+    def compute_loss(p):
+      return loss_fn(cast_params(p, compute_dtype), batch, key)
+    (loss, metrics), grads = jax.value_and_grad(compute_loss, has_aux=True)(params)
+    return loss, metrics, grads
+
+  def step(state: TrainState, batch: Any, rng: jax.Array):
+    key = jax.random.fold_in(rng, state.step)
+    with nn.logical_axis_rules(mesh_lib.LOGICAL_AXIS_RULES):
+      if accum_steps == 1:
+        loss, metrics, grads = grads_of(state.params, batch, key)
+      else:
+        micro = _microbatches(batch, accum_steps, mesh)
+
+        def body(carry, xs):
+          index, mb = xs
+          loss, metrics, grads = grads_of(state.params, mb, jax.random.fold_in(key, index))
+          return jax.tree.map(jnp.add, carry, (loss, metrics, grads)), None
+
+        zero = jax.eval_shape(grads_of, state.params, jax.tree.map(lambda x: x[0], micro), key)
+        zero = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), zero)
+        total, _ = jax.lax.scan(body, zero, (jnp.arange(accum_steps), micro))
+        loss, metrics, grads = jax.tree.map(lambda x: x / accum_steps, total)
+
+    grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, state.params)
+    grad_norm = optax.tree.norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    # Zeroed grads keep the optimiser arithmetic finite; the update is dropped anyway.
+    safe_grads = jax.tree.map(lambda g: jnp.where(finite, g, jnp.zeros_like(g)), grads)
+    updates, opt_state = tx.update(safe_grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    ema = update_ema(state.ema_params, params, ema_decay)
+    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+    skipped = state.skipped + (1 - finite.astype(jnp.int32))
+    new_state = state.replace(step=state.step + 1, params=keep(params, state.params),
+                              opt_state=keep(opt_state, state.opt_state),
+                              ema_params=keep(ema, state.ema_params), skipped=skipped)
+    out = {k: jnp.mean(v.astype(jnp.float32)) for k, v in metrics.items()}
+    out.update(loss=loss.astype(jnp.float32), grad_norm=grad_norm,
+               finite=finite.astype(jnp.int32), skipped=skipped)
+    if schedule is not None:
+      out["lr"] = jnp.asarray(schedule(state.step), jnp.float32)
+    return new_state, out
+
+  return jax.jit(step,
+                 in_shardings=(state_shardings, mesh_lib.batch_sharding(mesh),
+                               mesh_lib.replicated(mesh)),
+                 out_shardings=(state_shardings, mesh_lib.replicated(mesh)),
+                 donate_argnums=(0,))
+
+
+def abstract_batch(batch: Any, mesh: Mesh) -> Any:
+  """ShapeDtypeStructs with the batch sharding, for AOT lowering."""
+  sharding = mesh_lib.batch_sharding(mesh)
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), batch)
+
+
+def compile_step(step_fn: Callable, state: Any, batch: Any, rng: Any) -> tuple[Any, float]:
+  """AOT `lower(...).compile()`; arguments may be arrays or ShapeDtypeStructs.
+
+  Returns (compiled executable, seconds spent lowering + compiling).
+  """
+  start = time.perf_counter()
+  compiled = step_fn.lower(state, batch, rng).compile()
+  return compiled, time.perf_counter() - start
