@@ -33,6 +33,7 @@ MIN_AREA_FRACTION = 0.008  # of the image; smallest generated object is ~1.6%
 POSITION_MARGIN = 0.1  # relation offsets must exceed this fraction of the short side
 CENTER_TOLERANCE = 0.1  # "still in place", as a fraction of the short side
 PSNR_THRESHOLD = 20.0  # dB, outside the edited region
+RESIZE_AREA_RATIO = 1.5  # generated resizes scale the side by 1.5, the area by 2.25
 
 
 @dataclasses.dataclass(frozen=True)
@@ -216,6 +217,59 @@ def _edited_ids(kind: str, p: dict) -> tuple[tuple | None, tuple | None]:
   return (old if kind in ("recolor", "replace", "remove") else None), (new() if new else None)
 
 
+def _change_done(kind: str, p: dict, src_objs: list, tgt_objs: list, background: str | None,
+                 by_id: dict[tuple, list[Detection]], tol: float, h: int, w: int) -> bool:
+  """Whether the result carries out the instruction (the edited object, not the rest)."""
+  old_id, new_id = _edited_ids(kind, p)
+  gone = old_id is None or not by_id.get(old_id)
+  news = by_id.get(new_id, []) if new_id else []
+  k = p.get("object")
+  if kind == "background":
+    return background == p["to_background"]
+  if kind == "remove":
+    return gone
+  if kind == "add":
+    return bool(news)
+  if kind in ("recolor", "replace"):
+    return gone and any(_near(d, tgt_objs[k]["center"], tol) for d in news)
+  if kind == "move":
+    (sx, sy), (ux, uy) = src_objs[k]["center"], {
+        "left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}[p["direction"]]
+    return any((d.center[0] - sx) * ux + (d.center[1] - sy) * uy >= tol and
+               abs((d.center[0] - sx) * uy + (d.center[1] - sy) * ux) <= tol for d in news)
+  if kind == "resize":
+    src_area = shapes.shape_mask(src_objs[k], h, w).sum()
+    ratio_ok = ((lambda r: r >= RESIZE_AREA_RATIO) if p["direction"] == "bigger"
+                else (lambda r: r <= 1 / RESIZE_AREA_RATIO))
+    return any(_near(d, src_objs[k]["center"], tol) and ratio_ok(d.area / src_area)
+               for d in news)
+  raise ValueError(f"unknown edit type {kind!r} in metadata")
+
+
+def _keep_mask(kind: str, p: dict, src_objs: list, edited_objs: list,
+               dets: list[Detection], h: int, w: int) -> np.ndarray:
+  """[H, W] pixels the edit must leave as in the source: all but the (padded) boxes of
+  the edited object before and after and of its detections (added / moved objects may
+  land anywhere); for background edits, the interiors of the objects."""
+  keep = np.zeros((h, w), bool)
+  if kind == "background":
+    for o in src_objs:
+      keep |= ndimage.binary_erosion(shapes.shape_mask(o, h, w))
+    return keep
+  keep[:] = True
+  ids = _edited_ids(kind, p)
+  boxes = [d.bbox for d in dets if (d.color, d.shape) in ids]
+  for o in edited_objs:
+    r = o["size"] / 2
+    boxes.append((o["center"][0] - r, o["center"][1] - r, o["center"][0] + r,
+                  o["center"][1] + r))
+  pad = 0.05 * min(h, w) + 1
+  for x0, y0, x1, y1 in boxes:
+    keep[max(0, int(y0 - pad)):max(0, math.ceil(y1 + pad)),
+         max(0, int(x0 - pad)):max(0, math.ceil(x1 + pad))] = False
+  return keep
+
+
 def edit_checks(source: Any, result: Any, metadata: dict | str,
                 psnr_threshold: float = PSNR_THRESHOLD) -> dict[str, bool]:
   """Checks of one edit result [H, W, 3] against its source [H, W, 3] and metadata:
@@ -223,71 +277,34 @@ def edit_checks(source: Any, result: Any, metadata: dict | str,
   layout (unedited objects in place), background, preserved (masked PSNR vs source
   outside the edited region >= psnr_threshold; for background edits, over the objects)."""
   meta = _metadata(metadata)
-  kind, p, src_scene, tgt_scene = (meta["edit_type"], meta["params"], meta["source"],
-                                   meta["target"])
-  h, w = src_scene["height"], src_scene["width"]
+  kind, p = meta["edit_type"], meta["params"]
+  src_objs, tgt_objs = meta["source"]["objects"], meta["target"]["objects"]
+  h, w = meta["source"]["height"], meta["source"]["width"]
   source, result = to_uint8(source, "source"), to_uint8(result, "result")
   for name, im in (("source", source), ("result", result)):
     if im.shape[:2] != (h, w):
       raise ValueError(f"{name} is {im.shape[:2]} but the metadata scene is {(h, w)}")
-  m = min(h, w)
-  tol = CENTER_TOLERANCE * m
+  tol = CENTER_TOLERANCE * min(h, w)
   background, dets = detect(result)
   by_id: dict[tuple, list[Detection]] = {}
   for d in dets:
     by_id.setdefault((d.color, d.shape), []).append(d)
   ident = lambda o: (o["color"], o["shape"])
-  tgt_objs = tgt_scene["objects"]
   k = p.get("object")
+  # Index of the edited object in the target list (added objects are appended).
   edited = {"add": len(tgt_objs) - 1, "remove": None, "background": None}.get(kind, k)
-  old_id, new_id = _edited_ids(kind, p)
-  checks = {"background": background == tgt_scene["background"],
-            "objects": sorted(by_id_key for by_id_key in ((d.color, d.shape) for d in dets))
-            == sorted(ident(o) for o in tgt_objs),
-            "layout": all(any(_near(d, o["center"], tol) for d in by_id.get(ident(o), []))
-                          for i, o in enumerate(tgt_objs) if i != edited)}
-  gone = old_id is None or not by_id.get(old_id)
-  news = by_id.get(new_id, []) if new_id else []
-  if kind == "background":
-    change = background == p["to_background"]
-  elif kind == "remove":
-    change = gone
-  elif kind == "add":
-    change = bool(news)
-  elif kind in ("recolor", "replace"):
-    change = gone and any(_near(d, tgt_objs[k]["center"], tol) for d in news)
-  elif kind == "move":
-    (sx, sy), (ux, uy) = src_scene["objects"][k]["center"], {
-        "left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}[p["direction"]]
-    change = any((d.center[0] - sx) * ux + (d.center[1] - sy) * uy >= tol and
-                 abs((d.center[0] - sx) * uy + (d.center[1] - sy) * ux) <= tol for d in news)
-  elif kind == "resize":
-    src_obj = src_scene["objects"][k]
-    src_area = shapes.shape_mask(src_obj, h, w).sum()
-    ok = (lambda r: r >= 1.5) if p["direction"] == "bigger" else (lambda r: r <= 1 / 1.5)
-    change = any(_near(d, src_obj["center"], tol) and ok(d.area / src_area) for d in news)
-  else:
-    raise ValueError(f"unknown edit type {kind!r} in metadata")
-  checks["change"] = bool(change)
-
-  if kind == "background":  # the objects themselves must be kept
-    keep = np.zeros((h, w), bool)
-    for o in src_scene["objects"]:
-      keep |= ndimage.binary_erosion(shapes.shape_mask(o, h, w))
-  else:
-    keep = np.ones((h, w), bool)
-    pad = 0.05 * m + 1
-    boxes = [d.bbox for d in dets if (d.color, d.shape) in (old_id, new_id)]
-    for o in ([src_scene["objects"][k]] if k is not None else []) + (
-        [tgt_objs[edited]] if edited is not None else []):
-      r = o["size"] / 2
-      boxes.append((o["center"][0] - r, o["center"][1] - r, o["center"][0] + r,
-                    o["center"][1] + r))
-    for x0, y0, x1, y1 in boxes:
-      keep[max(0, int(y0 - pad)):max(0, int(math.ceil(y1 + pad))),
-           max(0, int(x0 - pad)):max(0, int(math.ceil(x1 + pad)))] = False
-  checks["preserved"] = masked_psnr(result, source, keep) >= psnr_threshold
-  return checks
+  edited_objs = ([src_objs[k]] if k is not None else []) + (
+      [tgt_objs[edited]] if edited is not None else [])
+  keep = _keep_mask(kind, p, src_objs, edited_objs, dets, h, w)
+  return {
+      "change": bool(_change_done(kind, p, src_objs, tgt_objs, background, by_id, tol, h, w)),
+      "objects": sorted(by_id) == sorted(ident(o) for o in tgt_objs) and all(
+          len(v) == 1 for v in by_id.values()),
+      "layout": all(any(_near(d, o["center"], tol) for d in by_id.get(ident(o), []))
+                    for i, o in enumerate(tgt_objs) if i != edited),
+      "background": background == meta["target"]["background"],
+      "preserved": masked_psnr(result, source, keep) >= psnr_threshold,
+  }
 
 
 def edit_correct(source: Any, result: Any, metadata: dict | str) -> float:
@@ -333,8 +350,14 @@ def corrupt_t2i(metadata: dict | str, rng: np.random.Generator) -> np.ndarray:
   return shapes.render(scene)
 
 
+def _add_noise(image: np.ndarray, rng: np.random.Generator, sigma: float = 15.0):
+  """Gaussian pixel noise, a stand-in for the grain of generated samples."""
+  return np.clip(image + rng.normal(0, sigma, image.shape), 0, 255).astype(np.uint8)
+
+
 def selftest(num: int = 1000, seed: int = shapes.EVAL_SEED) -> dict[str, float]:
-  """Scores ground-truth and corrupted renders; prints and returns `name: accuracy`."""
+  """Scores ground-truth renders (clean, and with noise sigma 15), corrupted T2I renders
+  and no-op edits (result = source); prints and returns `name: accuracy`."""
   rng = np.random.default_rng(seed)
   out: dict[str, float] = {}
   for split, n in (("train", num), ("heldout", max(num // 5, 2))):
@@ -342,13 +365,19 @@ def selftest(num: int = 1000, seed: int = shapes.EVAL_SEED) -> dict[str, float]:
     exs = [t2i[i] for i in range(n)]
     metas = [json.loads(e["metadata"]) for e in exs]
     for tag, images in (("t2i_gt", [e["image"] for e in exs]),
-                        ("t2i_corrupt", [corrupt_t2i(mt, rng) for mt in metas])):
-      out.update({f"{tag}/{k}": v for k, v in score_t2i(images, metas).items()})
+                        ("t2i_corrupt", [corrupt_t2i(mt, rng) for mt in metas]),
+                        ("t2i_noisy", [_add_noise(e["image"], rng) for e in exs])):
+      scores = score_t2i(images, metas)
+      out.update({f"{tag}/{k}": v for k, v in scores.items()
+                  if tag != "t2i_noisy" or k.endswith("overall")})
     edit = shapes.ShapesEditSource(split, 64, n, seed)
     exs = [edit[i] for i in range(n)]
     srcs, metas = [e["source"] for e in exs], [json.loads(e["metadata"]) for e in exs]
-    for tag, results in (("edit_gt", [e["target"] for e in exs]), ("edit_noop", srcs)):
-      out.update({f"{tag}/{k}": v for k, v in score_edit(srcs, results, metas).items()})
+    for tag, results in (("edit_gt", [e["target"] for e in exs]), ("edit_noop", srcs),
+                         ("edit_noisy", [_add_noise(e["target"], rng) for e in exs])):
+      scores = score_edit(srcs, results, metas)
+      out.update({f"{tag}/{k}": v for k, v in scores.items()
+                  if tag != "edit_noisy" or k.endswith("overall")})
   for name, value in out.items():
     print(f"{name}: {value:.4f}")
   gt = [v for k, v in out.items() if k.startswith(("t2i_gt", "edit_gt"))]
