@@ -110,7 +110,7 @@ def test_ground_truth_edits_score_at_least_099_per_type_and_noop_fails():
     assert all(v == 0.0 for v in noop.values()), noop
 
 
-def _wrong_target(meta, edit_type, rng):
+def _wrong_target(meta, edit_type):
   """A target scene that carries out the edit wrongly, or None if not constructible."""
   tgt = copy.deepcopy(meta["target"])
   p, objs = meta["params"], tgt["objects"]
@@ -144,7 +144,7 @@ def test_wrong_edits_fail_and_preservation_is_measured():
   failed = {}
   for e in exs:
     meta = json.loads(e["metadata"])
-    wrong = _wrong_target(meta, e["edit_type"], rng)
+    wrong = _wrong_target(meta, e["edit_type"])
     if wrong is not None:
       failed.setdefault(e["edit_type"], []).append(
           shapes_eval.edit_correct(e["source"], wrong, meta) < 1.0)
