@@ -191,37 +191,43 @@ def _shape_matches(file_shape, path, our_shape) -> bool:
   return tuple(file_shape) == _hf_shape(path, our_shape)
 
 
+def _example_inputs(config: Qwen3VLConfig) -> tuple:
+  """Smallest inputs that touch every parameter (the image path when the vision tower is on)."""
+  if config.vision is None:
+    return jnp.zeros((1, 4), jnp.int32), jnp.ones((1, 4), jnp.int32)
+  v = config.vision
+  grid = (v.image_factor // v.patch_size,) * 2
+  patches = jnp.zeros((1, grid[0] * grid[1], v.patch_dim), jnp.float32)
+  ids = jnp.full((1, 1), config.image_token_id, jnp.int32)
+  return ids, jnp.ones((1, 1), jnp.int32), patches, grid, jnp.zeros((3, 1, 1), jnp.int32)
+
+
 def _abstract_params(model: Qwen3VLEncoder, config: Qwen3VLConfig):
   """Boxed param shapes (with logical axes) without allocating anything."""
-  ids = jnp.zeros((1, 4), jnp.int32)
-  mask = jnp.ones((1, 4), jnp.int32)
-  if config.vision is None:
-    init = lambda: model.init(jax.random.PRNGKey(0), ids, mask)
-  else:
-    v = config.vision
-    grid = (v.image_factor // v.patch_size,) * 2
-    patches = jnp.zeros((1, grid[0] * grid[1], v.patch_dim), jnp.float32)
-    ids = jnp.full((1, 1), config.image_token_id, jnp.int32)
-    mask = jnp.ones((1, 1), jnp.int32)
-    pos = jnp.zeros((3, 1, 1), jnp.int32)
-    init = lambda: model.init(jax.random.PRNGKey(0), ids, mask, patches, grid, pos)
-  return jax.eval_shape(init)["params"]
+  inputs = _example_inputs(config)
+  return jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), *inputs))["params"]
 
 
 def _shardings(abstract, mesh) -> dict:
   return traverse_util.flatten_dict(logical_shardings(abstract, mesh))
 
 
-def init_params(config: Qwen3VLConfig, rng: jax.Array, dtype: Any = jnp.float32) -> dict:
-  """Random params (unboxed) for `Qwen3VLEncoder(config)`, e.g. for the tiny CPU default."""
-  model = Qwen3VLEncoder(config, param_dtype=dtype)
-  flat = traverse_util.flatten_dict(nn.unbox(_abstract_params(model, config)))
+def init_params(config: Qwen3VLConfig, seed: int = 0, dtype: Any = jnp.float32) -> dict:
+  """Random params (unboxed) for `Qwen3VLEncoder(config)`, e.g. for the tiny CPU default.
+
+  Norm scales are 1, biases 0, every other tensor N(0, 0.02) (transformers' init).
+  Drawn with numpy from the abstract shapes: no model run and no compilation.
+  """
+  flat = traverse_util.flatten_dict(nn.unbox(_abstract_params(Qwen3VLEncoder(config), config)))
+  rng = np.random.default_rng(seed)
   params = {}
-  for i, (path, leaf) in enumerate(sorted(flat.items())):
+  for path in sorted(flat):
+    shape = flat[path].shape
     if path[-1] == "scale":
-      params[path] = jnp.ones(leaf.shape, dtype)
+      value = np.ones(shape, np.float32)
     elif path[-1] == "bias":
-      params[path] = jnp.zeros(leaf.shape, dtype)
+      value = np.zeros(shape, np.float32)
     else:
-      params[path] = (0.02 * jax.random.normal(jax.random.fold_in(rng, i), leaf.shape)).astype(dtype)
+      value = 0.02 * rng.standard_normal(shape, dtype=np.float32)
+    params[path] = jnp.asarray(value, dtype)
   return traverse_util.unflatten_dict(params)

@@ -27,11 +27,11 @@ def test_text_stack_matches_transformers_before_and_after_final_norm(hf_vl):
                                         attention_mask=torch.tensor(mask))
   for final_norm, ref in ((False, ref_pre), (True, ref_post)):
     config, params = load_qwen3_vl(directory, use_vision=False, final_norm=final_norm)
-    ours = Qwen3VLEncoder(config).apply({"params": params}, jnp.asarray(ids), jnp.asarray(mask))
+    ours = jax.jit(Qwen3VLEncoder(config).apply)({"params": params}, jnp.asarray(ids), jnp.asarray(mask))
     err = rel_err(ours, ref)
     assert err <= TOL, f"final_norm={final_norm}: relative max error {err:.2e}"
   # Padding must not leak into real tokens: row 1's real tokens equal a run on that prefix alone.
-  alone = Qwen3VLEncoder(config).apply({"params": params}, jnp.asarray(ids[1:, :6]), jnp.asarray(mask[1:, :6]))
+  alone = jax.jit(Qwen3VLEncoder(config).apply)({"params": params}, jnp.asarray(ids[1:, :6]), jnp.asarray(mask[1:, :6]))
   np.testing.assert_allclose(np.asarray(alone)[0], np.asarray(ours)[1, :6], atol=1e-5)
 
 
