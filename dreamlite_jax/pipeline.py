@@ -14,9 +14,13 @@ CLI:
 """
 from __future__ import annotations
 
+import argparse
+import copy
 import dataclasses
 import functools
-from typing import Any, Sequence
+import os
+import sys
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -143,6 +147,12 @@ class Pipeline:
 
   # ---------------------------------------------------------------- public API
 
+  def with_unet_params(self, unet_params: Any) -> "Pipeline":
+    """The same pipeline (sharing its compiled functions) with other U-Net params."""
+    other = copy.copy(self)
+    other.unet_params = unet_params
+    return other
+
   def generate(self, prompts: str | Sequence[str], seed: int = 0, steps: int = 28,
                guidance: float | None = 3.5, size: int | Sequence[int] = 1024,
                output: str = "pil"):
@@ -214,3 +224,163 @@ class Pipeline:
     latents = self.denoise(noise, source, cond, uncond, steps, guidance,
                            image_guidance if guidance is not None else None)
     return self._finish(latents, output)
+
+
+def make_sample_fn(pipe: Pipeline, prompts: Sequence[str], seed: int = 0, steps: int = 28,
+                   guidance: float | None = 3.5, size: int | Sequence[int] = 256
+                   ) -> Callable[[Any, int], np.ndarray]:
+  """The trainer's `sample_fn(params, step) -> uint8 [N, H, W, 3]` for a fixed prompt set."""
+
+  def sample(unet_params, step):
+    del step
+    return pipe.with_unet_params(unet_params).generate(list(prompts), seed=seed, steps=steps,
+                                                       guidance=guidance, size=size, output="np")
+
+  return sample
+
+
+# ---------------------------------------------------------------- loading
+
+
+def read_run_config(checkpoint_dir: str, step: int = -1) -> dict:
+  """The run config (JSON dict) stored with a training checkpoint (`config` item)."""
+  import orbax.checkpoint as ocp
+  from dreamlite_jax.training import checkpoints
+
+  directory = checkpoints._resolve_checkpoints(checkpoint_dir)
+  if not os.path.isdir(directory):
+    raise FileNotFoundError(f"checkpoint directory not found: {checkpoint_dir}")
+  options = ocp.CheckpointManagerOptions(read_only=True)
+  with ocp.CheckpointManager(directory, options=options, item_names=("config",)) as manager:
+    step = manager.latest_step() if step < 0 else step
+    if step is None or step not in manager.all_steps():
+      raise FileNotFoundError(f"{directory}: no checkpoint step {step}")
+    return dict(manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"])
+
+
+def _section(config: dict, dotted: str) -> Any:
+  node = config
+  for part in dotted.split("."):
+    if not isinstance(node, dict) or part not in node:
+      return None
+    node = node[part]
+  return node
+
+
+def build_text_encoder(spec: str, text_length: int = 128) -> Any:
+  """`spec` = a local Qwen3-VL checkpoint directory, or `tiny:SEED` (random tiny encoder)."""
+  from dreamlite_jax.models.qwen3_vl import Qwen3VLConfig
+  from dreamlite_jax.models.text_conditioning import TextEncoder
+
+  if spec.startswith("tiny:"):
+    try:
+      seed = int(spec.split(":", 1)[1])
+    except ValueError as e:
+      raise ValueError(f"text encoder spec {spec!r}: expected tiny:<int seed>") from e
+    return TextEncoder.random(Qwen3VLConfig.tiny(), seed=seed, text_length=text_length)
+  if not os.path.isdir(spec):
+    raise FileNotFoundError(f"text encoder directory not found: {spec} (or use tiny:SEED)")
+  return TextEncoder.from_pretrained(spec, text_length=text_length)
+
+
+def load_pipeline(checkpoint_dir: str, *, text_encoder: Any = None, vae_checkpoint: str | None = None,
+                  step: int = -1, ema: bool = True) -> Pipeline:
+  """A pipeline from a training run's checkpoint.
+
+  The run config must hold `model.unet` (UNetConfig fields) and `model.vae`
+  (VAEConfig fields); the U-Net params (EMA by default) come from the checkpoint.
+  The VAE params come from `vae_checkpoint` (a run whose params are the VAE's),
+  else from the run config's `model.vae_checkpoint`. The text encoder is
+  `text_encoder` (a TextEncoder or a `build_text_encoder` spec), else the run
+  config's `model.text_encoder.spec` (with `model.text_encoder.text_length`).
+  """
+  from dreamlite_jax.models.unet import DreamLiteUNet, UNetConfig
+  from dreamlite_jax.models.vae import TinyAutoencoder, VAEConfig
+  from dreamlite_jax.training import checkpoints
+
+  config = read_run_config(checkpoint_dir, step)
+  unet_fields, vae_fields = _section(config, "model.unet"), _section(config, "model.vae")
+  if unet_fields is None or vae_fields is None:
+    raise KeyError(f"{checkpoint_dir}: the run config has no model.unet / model.vae section")
+  unet_config, vae_config = UNetConfig(**unet_fields), VAEConfig(**vae_fields)
+  vae_checkpoint = vae_checkpoint or _section(config, "model.vae_checkpoint")
+  if not vae_checkpoint:
+    raise ValueError(f"{checkpoint_dir}: no VAE weights: pass vae_checkpoint (--vae-checkpoint) "
+                     f"or set model.vae_checkpoint in the run config")
+  if text_encoder is None or isinstance(text_encoder, str):
+    spec = text_encoder or _section(config, "model.text_encoder.spec")
+    if not spec:
+      raise ValueError(f"{checkpoint_dir}: no text encoder: pass text_encoder (--text-encoder) or "
+                       f"set model.text_encoder.spec in the run config")
+    length = _section(config, "model.text_encoder.text_length") or 128
+    text_encoder = build_text_encoder(spec, int(length))
+  unet_params = checkpoints.load_params(checkpoint_dir, step=step, ema=ema)
+  vae_params = checkpoints.load_params(vae_checkpoint, ema=ema)
+  size_multiple = flow.VAE_SCALE * 2 ** (len(unet_config.block_out_channels) - 1)
+  return Pipeline(text_encoder, DreamLiteUNet(unet_config), unet_params,
+                  TinyAutoencoder(vae_config), vae_params, size_multiple=size_multiple)
+
+
+# ---------------------------------------------------------------- CLI
+
+
+def _parser() -> argparse.ArgumentParser:
+  parser = argparse.ArgumentParser(prog="python -m dreamlite_jax.pipeline", description=__doc__.split("\n")[0])
+  sub = parser.add_subparsers(dest="command", required=True)
+  for name in ("generate", "edit"):
+    p = sub.add_parser(name)
+    p.add_argument("--checkpoint", required=True, help="training run workdir (or its checkpoints/)")
+    p.add_argument("--vae-checkpoint", default=None, help="run whose params are the VAE")
+    p.add_argument("--text-encoder", default=None, help="Qwen3-VL directory or tiny:SEED")
+    p.add_argument("--step", type=int, default=-1)
+    p.add_argument("--no-ema", action="store_true", help="use the raw params, not the EMA")
+    p.add_argument("--out", required=True, help="output PNG (index suffix added for several)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=int, default=28)
+    p.add_argument("--guidance", type=float, default=3.5, help="text CFG scale; <= 0 disables CFG")
+    p.add_argument("--size", type=int, nargs="+", default=None, help="H [W] in pixels")
+    if name == "generate":
+      p.add_argument("--prompt", required=True, action="append", help="repeat for a batch")
+    else:
+      p.add_argument("--image", required=True, help="source image file")
+      p.add_argument("--instruction", required=True)
+      p.add_argument("--image-guidance", type=float, default=1.0, help="<= 0 = text CFG only")
+  return parser
+
+
+def _out_paths(out: str, n: int) -> list[str]:
+  if n == 1:
+    return [out]
+  root, ext = os.path.splitext(out)
+  return [f"{root}_{i}{ext or '.png'}" for i in range(n)]
+
+
+def main(argv: Sequence[str] | None = None,
+         loader: Callable[..., Pipeline] = load_pipeline) -> list[str]:
+  """Runs the CLI; returns the written paths. `loader` builds the Pipeline."""
+  args = _parser().parse_args(argv)
+  pipe = loader(args.checkpoint, text_encoder=args.text_encoder,
+                vae_checkpoint=args.vae_checkpoint, step=args.step, ema=not args.no_ema)
+  guidance = args.guidance if args.guidance > 0 else None
+  size = None if args.size is None else (args.size[0], args.size[-1])
+  if args.command == "generate":
+    images = pipe.generate(args.prompt, seed=args.seed, steps=args.steps, guidance=guidance,
+                           size=size or 1024)
+  else:
+    if not os.path.isfile(args.image):
+      raise FileNotFoundError(f"--image not found: {args.image}")
+    with Image.open(args.image) as source:
+      source = source.convert("RGB")
+    image_guidance = args.image_guidance if args.image_guidance > 0 else None
+    images = pipe.edit(source, args.instruction, seed=args.seed, steps=args.steps,
+                       guidance=guidance, image_guidance=image_guidance, size=size)
+  paths = _out_paths(args.out, len(images))
+  for image, path in zip(images, paths):
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    image.save(path)
+    print(f"wrote {path}")
+  return paths
+
+
+if __name__ == "__main__":
+  main(sys.argv[1:])

@@ -48,7 +48,7 @@ class StandInVAE(nn.Module):
 
 @functools.lru_cache(maxsize=1)
 def _pipeline():
-  text = TextEncoder.random(Qwen3VLConfig.tiny(), jax.random.PRNGKey(0), text_length=16)
+  text = TextEncoder.random(Qwen3VLConfig.tiny(), seed=0, text_length=16)
   unet, vae = StandInUNet(), StandInVAE()
   hid = text.config.text.hidden_size
   unet_params = unet.init(jax.random.PRNGKey(1), jnp.zeros((1, 4, 8, 4)), jnp.zeros((1,)),
@@ -75,8 +75,8 @@ def test_generate_is_deterministic_and_seed_dependent():
   # No guidance (distilled checkpoints) is a different, still deterministic, sampler.
   free = pipe.generate("a red circle", seed=0, output="latent", steps=3, guidance=None, size=SIZE)
   assert np.abs(free - alone).max() > 1e-4
-  pil = pipe.generate("a red circle", seed=0, steps=2, size=(SIZE, 2 * SIZE))
-  assert isinstance(pil[0], Image.Image) and pil[0].size == (2 * SIZE, SIZE)
+  pil = pipe.generate("a red circle", seed=0, steps=3, size=(SIZE, SIZE))
+  assert isinstance(pil[0], Image.Image) and pil[0].size == (SIZE, SIZE)
 
 
 def test_edit_is_deterministic_and_uses_the_source():
@@ -99,3 +99,36 @@ def test_edit_is_deterministic_and_uses_the_source():
     pipe.edit([src, other], "make it blue")
   with pytest.raises(ValueError, match="multiples of 8"):
     pipe.generate("x", size=30)
+
+
+def test_cli_generate_and_edit(tmp_path):
+  calls = []
+
+  def loader(checkpoint, **kwargs):
+    calls.append((checkpoint, kwargs))
+    return _pipeline()
+
+  out = tmp_path / "a.png"
+  paths = pipeline_lib.main(["generate", "--checkpoint", "run", "--prompt", "a red circle",
+                             "--prompt", "a blue square", "--out", str(out), "--steps", "2",
+                             "--size", str(SIZE), "--text-encoder", "tiny:0"], loader=loader)
+  assert paths == [str(tmp_path / "a_0.png"), str(tmp_path / "a_1.png")]
+  first = np.asarray(Image.open(paths[0]))
+  assert first.shape == (SIZE, SIZE, 3)
+  expected = _pipeline().generate(["a red circle", "a blue square"], seed=0, steps=2, size=SIZE,
+                                  output="np")
+  np.testing.assert_array_equal(first, expected[0])
+  assert calls[0] == ("run", dict(text_encoder="tiny:0", vae_checkpoint=None, step=-1, ema=True))
+
+  Image.fromarray(expected[1]).save(tmp_path / "in.png")
+  paths = pipeline_lib.main(["edit", "--checkpoint", "run", "--image", str(tmp_path / "in.png"),
+                             "--instruction", "make it green", "--out", str(tmp_path / "b.png"),
+                             "--steps", "2", "--guidance", "0", "--no-ema"], loader=loader)
+  edited = np.asarray(Image.open(paths[0]))
+  np.testing.assert_array_equal(
+      edited, _pipeline().edit(expected[1], "make it green", steps=2, guidance=None,
+                               output="np")[0])
+  assert calls[1][1]["ema"] is False
+  with pytest.raises(FileNotFoundError, match="--image"):
+    pipeline_lib.main(["edit", "--checkpoint", "run", "--image", str(tmp_path / "none.png"),
+                       "--instruction", "x", "--out", str(tmp_path / "c.png")], loader=loader)
