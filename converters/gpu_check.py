@@ -175,6 +175,24 @@ def _read_ops(model, subgraph, tensors: list[_Tensor]) -> list[_Op]:
   return ops
 
 
+def _fold_dequantized_constants(ops: list[_Op]) -> list[_Op]:
+  """Treats DEQUANTIZE(constant) outputs as constants, as the GPU delegate does.
+
+  fp16 export stores weights as float16 constants behind DEQUANTIZE; the delegate
+  folds those into its own constants, so a FULLY_CONNECTED fed by one still has a
+  single runtime input.
+  """
+  folded = {op.outputs[0].index for op in ops
+            if op.name == 'DEQUANTIZE' and op.inputs and op.inputs[0] is not None
+            and op.inputs[0].is_const and len(op.outputs) == 1}
+  if not folded:
+    return ops
+  fix = lambda t: dataclasses.replace(t, is_const=True) if t is not None and t.index in folded \
+      else t
+  return [dataclasses.replace(op, inputs=tuple(map(fix, op.inputs)),
+                              outputs=tuple(map(fix, op.outputs))) for op in ops]
+
+
 def _runtime(tensors) -> list[_Tensor]:
   return [t for t in tensors if t is not None and not t.is_const]
 
@@ -295,7 +313,7 @@ def check_model(model: bytes | str | Path) -> list[Finding]:
       if any(d < 0 for d in t.signature):
         findings.append(Finding('dynamic', sg, None, None, (t.describe(),),
                                 'graph input has a dynamic dimension'))
-    for op in _read_ops(m, subgraph, tensors):
+    for op in _fold_dequantized_constants(_read_ops(m, subgraph, tensors)):
       names = tuple(t.describe() for t in op.inputs + op.outputs if t is not None)
       if op.is_custom:
         if op.name not in GPU_CUSTOM_OPS:

@@ -1,0 +1,248 @@
+"""Checkpoint -> the four static-shape `.tflite` files and `manifest.json` a phone app needs.
+
+Every file passes two gates before it is written: `gpu_check` (zero findings:
+the GPU delegate takes every op) and `numerics` (TFLite vs the JAX function on
+random inputs and on real inputs chained through the pipeline: a tokenised
+prompt, its text features, a VAE-encoded image). A failing gate fails the export.
+
+  python -m converters.export --checkpoint DIR --config experiments/X.py --out DIR \
+      [--precision fp32|fp16] [--size 1024]
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import numpy as np
+
+from converters import components, gpu_check, litert, numerics
+from converters.components import Component
+from converters.jax_to_tflite import PRECISIONS, convert_jax_function, output_specs
+from dreamlite_jax.diffusion import flow
+from dreamlite_jax.models import prompts
+
+MANIFEST_FORMAT = 'dreamlite-tflite/1'
+STUDENT_STEPS = 4
+EVAL_PROMPT = 'a red circle above a blue square'
+
+
+class ExportGateError(RuntimeError):
+  """A converted model failed gpu_check or the numerics gate; nothing was written for it."""
+
+
+@dataclasses.dataclass(frozen=True)
+class DeployModels:
+  """Modules and params of the deployed pipeline (a 4-step student)."""
+  unet: nn.Module
+  unet_params: Any
+  vae: nn.Module
+  vae_params: Any
+  text_encoder: nn.Module
+  text_params: Any
+  text_len: int = 128  # U-Net text length after dropping the template prefix
+  latent_scaling: float = 1.0
+  latent_shift: float = 0.0
+
+
+def sha256_file(path: Path) -> str:
+  digest = hashlib.sha256()
+  with open(path, 'rb') as f:
+    for chunk in iter(lambda: f.read(1 << 20), b''):
+      digest.update(chunk)
+  return digest.hexdigest()
+
+
+def export_component(component: Component, gate_inputs: list[dict[str, np.ndarray]],
+                     precision: str, out_dir: Path, log: Callable[[str], None] = print) -> dict:
+  """Converts, gates and writes one component; returns its manifest entry."""
+  start = time.time()
+  content = convert_jax_function(component.fn, component.params, component.inputs, precision,
+                                 component.name)
+  findings = gpu_check.check_model(content)
+  if findings:
+    lines = '\n  '.join(str(f) for f in findings[:40])
+    raise ExportGateError(f'{component.name}: {len(findings)} GPU delegate finding(s):\n  {lines}')
+  model = litert.load_model(content, label=f'{component.name}.tflite')
+  jitted = jax.jit(component.fn)
+  reference = lambda **kw: {k: np.asarray(v) for k, v in jitted(component.params, **kw).items()}
+  try:
+    results = numerics.numerics_gate(model, reference, gate_inputs, precision)
+  except numerics.NumericsGateError as e:
+    raise ExportGateError(str(e)) from e
+  path = out_dir / f'{component.name}.tflite'
+  path.write_bytes(content)
+  worst = numerics.worst(results)
+  log(f'{component.name}: {len(content) / 2 ** 20:.1f} MiB, gpu_check clean, worst {worst} '
+      f'({time.time() - start:.1f}s)')
+  return {
+      'file': path.name, 'sha256': sha256_file(path), 'bytes': len(content),
+      'signature': litert.SIGNATURE_KEY,
+      'inputs': [s.to_json() for s in component.inputs],
+      'outputs': [s.to_json() for s in output_specs(component.fn, component.params,
+                                                     component.inputs)],
+      'gpu_check_findings': 0,
+      'numerics': {'precision': precision, 'max_rel_err': worst.rel_err,
+                   'max_abs_err': worst.max_abs_err, 'min_psnr_db': min(c.psnr_db for c in results),
+                   'threshold': numerics.THRESHOLDS[precision]},
+      **component.info,
+  }
+
+
+def _call(component: Component, **inputs) -> dict[str, np.ndarray]:
+  return {k: np.asarray(v) for k, v in jax.jit(component.fn)(component.params, **inputs).items()}
+
+
+def synthetic_image(height: int, width: int, seed: int = 0) -> np.ndarray:
+  """A smooth image with a few flat shapes, `[1, H, W, 3]` in [-1, 1] (a 'real' gate input)."""
+  rng = np.random.default_rng(seed)
+  yy, xx = np.meshgrid(np.linspace(-1, 1, height), np.linspace(-1, 1, width), indexing='ij')
+  img = np.stack([0.6 * xx, 0.6 * yy, -0.4 * xx * yy], -1)
+  for _ in range(3):
+    cy, cx, r = rng.uniform(-0.6, 0.6), rng.uniform(-0.6, 0.6), rng.uniform(0.15, 0.35)
+    img[(yy - cy) ** 2 + (xx - cx) ** 2 < r * r] = rng.uniform(-0.9, 0.9, 3)
+  return img[None].astype(np.float32)
+
+
+def text_features(models: DeployModels, tokenizer, prompt: str, seq_len: int,
+                  table: np.ndarray, parts: list[Component]) -> tuple[np.ndarray, np.ndarray,
+                                                                    dict[str, np.ndarray]]:
+  """Runs the JAX text parts on a generate prompt; returns (text, text_mask, part-0 inputs)."""
+  batch = prompts.tokenize_generate(tokenizer, [prompt], models.text_len)
+  ids = np.full((1, seq_len), tokenizer.pad_id, np.int32)
+  mask = np.zeros((1, seq_len), np.float32)
+  ids[:, :batch.ids.shape[1]] = batch.ids
+  mask[:, :batch.mask.shape[1]] = batch.mask
+  first = {'embeds': table[ids].astype(np.float32), 'mask': mask}
+  hidden = first['embeds']
+  for part in parts:
+    hidden = _call(part, embeds=hidden, mask=mask)['hidden']
+  drop = batch.drop
+  return (hidden[:, drop:drop + models.text_len],
+          batch.feature_mask.astype(np.float32), first)
+
+
+def export_all(models: DeployModels, out_dir: str | Path, precision: str = 'fp32',
+               size: tuple[int, int] = (1024, 1024), tokenizer=None, seed: int = 0,
+               log: Callable[[str], None] = print) -> dict:
+  """Exports, gates and writes all models plus `manifest.json`; returns the manifest."""
+  if precision not in PRECISIONS:
+    raise ValueError(f'--precision must be one of {PRECISIONS}, got {precision!r}')
+  if tokenizer is None:
+    from dreamlite_jax.models.tokenizer import load_tokenizer
+    tokenizer = load_tokenizer()
+  out_dir = Path(out_dir)
+  out_dir.mkdir(parents=True, exist_ok=True)
+  height, width = size
+  h, w = height // components.VAE_SCALE, width // components.VAE_SCALE
+  rng = np.random.default_rng(seed)
+  seq_len = max(prompts.GENERATE_DROP, prompts.EDIT_DROP) + models.text_len
+  sigmas = flow.schedule_for_size(STUDENT_STEPS, height, width)
+  timesteps = flow.timesteps_from_sigmas(sigmas)
+  entries = {}
+
+  # Text encoder (one or more layer-range parts) and its embedding table.
+  parts, table = components.text_encoder_parts(models.text_encoder, models.text_params,
+                                               seq_len=seq_len, precision=precision)
+  table = table.astype(np.float16 if precision == 'fp16' else np.float32)
+  text, text_mask, first = text_features(models, tokenizer, EVAL_PROMPT, seq_len, table, parts)
+  random_mask = np.zeros((1, seq_len), np.float32)
+  random_mask[:, :rng.integers(seq_len // 4, seq_len)] = 1
+  random_first = {'embeds': table[rng.integers(0, table.shape[0], (1, seq_len))].astype(np.float32),
+                  'mask': random_mask}
+  sets = [first, random_first]
+  for part in parts:
+    entries[part.name] = export_component(part, sets, precision, out_dir, log)
+    sets = [{'embeds': _call(part, **s)['hidden'], 'mask': s['mask']} for s in sets]
+  table_path = out_dir / 'text_embeddings.npy'
+  np.save(table_path, table)
+
+  # VAE encoder on a synthetic image, decoder on those latents.
+  image = synthetic_image(height, width, seed)
+  enc = components.vae_encoder(models.vae, models.vae_params, height=height, width=width)
+  entries['vae_encoder'] = export_component(
+      enc, [{'image': image}, {'image': rng.uniform(-1, 1, image.shape).astype(np.float32)}],
+      precision, out_dir, log)
+  latents = _call(enc, image=image)['latents']
+  dec = components.vae_decoder(models.vae, models.vae_params, height=height, width=width)
+  entries['vae_decoder'] = export_component(
+      dec, [{'latents': latents}, {'latents': rng.standard_normal(latents.shape, np.float32)}],
+      precision, out_dir, log)
+
+  # U-Net step: T2I at the first student timestep, edit at the last, and random inputs.
+  text_dim = text.shape[-1]
+  unet = components.unet_step(models.unet, models.unet_params, height=height, width=width,
+                              text_len=models.text_len, text_dim=text_dim)
+  noise = rng.standard_normal((1, h, w, 4)).astype(np.float32)
+  time_ids = np.array([[width, height]], np.float32)
+  t2i = np.concatenate([noise, np.zeros_like(noise)], axis=2)
+  x_t = (1 - sigmas[-2]) * latents + sigmas[-2] * noise
+  edit = np.concatenate([x_t, latents], axis=2).astype(np.float32)
+  random_text_mask = np.zeros((1, models.text_len), np.float32)
+  random_text_mask[:, :rng.integers(1, models.text_len + 1)] = 1
+  unet_sets = [
+      dict(sample=t2i, timestep=timesteps[:1], text=text, text_mask=text_mask, time_ids=time_ids),
+      dict(sample=edit, timestep=timesteps[-1:], text=text, text_mask=text_mask, time_ids=time_ids),
+      dict(sample=rng.standard_normal(t2i.shape).astype(np.float32),
+           timestep=rng.uniform(0, 1000, (1,)).astype(np.float32),
+           text=rng.standard_normal(text.shape).astype(np.float32), text_mask=random_text_mask,
+           time_ids=time_ids)]
+  entries['unet'] = export_component(unet, unet_sets, precision, out_dir, log)
+
+  manifest = build_manifest(models, entries, [p.name for p in parts], table_path, precision,
+                            (height, width), seq_len, sigmas, timesteps, tokenizer)
+  (out_dir / 'manifest.json').write_text(json.dumps(manifest, indent=2))
+  log(f'wrote {out_dir / "manifest.json"}')
+  return manifest
+
+
+def build_manifest(models: DeployModels, entries: dict, text_parts: list[str], table_path: Path,
+                   precision: str, size: tuple[int, int], seq_len: int, sigmas: np.ndarray,
+                   timesteps: np.ndarray, tokenizer) -> dict:
+  """Everything the app needs to run the four models, and nothing else."""
+  height, width = size
+  return {
+      'format': MANIFEST_FORMAT,
+      'precision': precision,
+      'image': {'height': height, 'width': width, 'channels': 3, 'range': [-1.0, 1.0],
+                'layout': 'NHWC'},
+      'latent': {'height': height // components.VAE_SCALE, 'width': width // components.VAE_SCALE,
+                 'channels': components.LATENT_CHANNELS,
+                 'scaling_factor': models.latent_scaling, 'shift_factor': models.latent_shift,
+                 'encode': 'latents = (vae_encoder(image) - shift_factor) * scaling_factor',
+                 'decode': 'image = vae_decoder(latents / scaling_factor + shift_factor)'},
+      'scheduler': {'type': 'flow_match_euler', 'num_steps': STUDENT_STEPS, 'cfg': False,
+                    'sigmas': [float(s) for s in sigmas],
+                    'timesteps': [float(t) for t in timesteps],
+                    'noise': 'x = N(0, 1) of the latent shape',
+                    'step': 'x = x + (sigmas[i + 1] - sigmas[i]) * velocity(x, timesteps[i])'},
+      'text': {
+          'tokenizer': 'Qwen3-VL byte-level BPE (qwen.tiktoken ranks + special tokens from id '
+                       '151643)',
+          'pad_id': int(tokenizer.pad_id),
+          'generate_template': prompts.GENERATE_TEMPLATE,
+          'generate_user_text': '[Generate]: {prompt}',
+          'generate_drop': prompts.GENERATE_DROP,
+          'edit_template': prompts.EDIT_TEMPLATE.replace(prompts.IMAGE_SLOT, ''),
+          'edit_user_text': prompts.edit_text('{prompt}'),
+          'edit_drop': prompts.EDIT_DROP,
+          'encoder_length': seq_len, 'text_length': models.text_len,
+          'padding': 'right-pad token ids with pad_id to encoder_length; mask 1 on real tokens',
+          'features': 'hidden[:, drop:drop + text_length] and mask[:, drop:drop + text_length]',
+          'encoder_models': text_parts,
+          'embedding_table': {'file': table_path.name, 'sha256': sha256_file(table_path),
+                              'shape': list(np.load(table_path, mmap_mode='r').shape),
+                              'dtype': str(np.load(table_path, mmap_mode='r').dtype)},
+          'embedding_lookup': 'in the app: embeds = table[ids]. The GATHER on a vocabulary-'
+                              'sized table is kept out of the GPU graph.',
+      },
+      'unet': {'time_ids': [width, height], 'timestep': 'sigma * 1000'},
+      'models': entries,
+  }
