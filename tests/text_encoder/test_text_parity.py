@@ -2,10 +2,11 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 import torch
 
 from hf_reference import VOCAB, last_layer_output, rel_err
-from dreamlite_jax.models.qwen3_vl import Qwen3VLEncoder
+from dreamlite_jax.models.qwen3_vl import Qwen3VLConfig, Qwen3VLEncoder
 from dreamlite_jax.models.text_encoder import Qwen3TextConfig, mrope_axis_selector
 from dreamlite_jax.models.text_weights import load_qwen3_vl
 
@@ -54,7 +55,6 @@ def test_mrope_selector_matches_interleaved_layout():
 
 def test_text_only_forward_lowers_with_rank_at_most_4():
   config = Qwen3TextConfig.tiny()
-  from dreamlite_jax.models.qwen3_vl import Qwen3VLConfig
   vl = Qwen3VLConfig(text=config, vision=None)
   model = Qwen3VLEncoder(vl)
   ids = jnp.zeros((1, 16), jnp.int32)
@@ -90,3 +90,21 @@ def _subjaxprs(eqn):
       yield v.jaxpr
     elif hasattr(v, "eqns"):
       yield v
+
+
+def test_released_style_config_gives_the_2b_presets():
+  # Qwen3-VL-2B's config.json as written by transformers 4.57 (rope_scaling + top-level rope_theta).
+  cfg = {"text_config": {"vocab_size": 151936, "hidden_size": 2048, "intermediate_size": 6144,
+                         "num_hidden_layers": 28, "num_attention_heads": 16, "num_key_value_heads": 8,
+                         "head_dim": 128, "rms_norm_eps": 1e-6, "rope_theta": 5000000,
+                         "rope_scaling": {"mrope_interleaved": True, "mrope_section": [24, 20, 20],
+                                          "rope_type": "default"}, "tie_word_embeddings": True},
+         "vision_config": {"depth": 24, "hidden_size": 1024, "intermediate_size": 4096, "num_heads": 16,
+                           "patch_size": 16, "temporal_patch_size": 2, "spatial_merge_size": 2,
+                           "out_hidden_size": 2048, "num_position_embeddings": 2304,
+                           "deepstack_visual_indexes": [5, 11, 17], "hidden_act": "gelu_pytorch_tanh"},
+         "image_token_id": 151655, "vision_start_token_id": 151652}
+  assert Qwen3VLConfig.from_hf_config(cfg) == Qwen3VLConfig.qwen3_vl_2b()
+  cfg["text_config"]["rope_scaling"]["mrope_interleaved"] = False
+  with pytest.raises(ValueError, match="interleaved"):
+    Qwen3VLConfig.from_hf_config(cfg)
