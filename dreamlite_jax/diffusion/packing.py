@@ -12,7 +12,8 @@ import jax
 import jax.numpy as jnp
 
 
-def _check_latents(name: str, x: jax.Array) -> None:
+def check_latents(name: str, x: jax.Array) -> None:
+  """Raises ValueError naming `name` unless `x` is rank-4 NHWC."""
   if x.ndim != 4:
     raise ValueError(f"{name} must be NHWC [B, H, W, C], got shape {x.shape}")
 
@@ -30,10 +31,10 @@ def condition_latents(source: jax.Array | None, is_edit: jax.Array | None,
   Returns:
     condition [B, H, W, C].
   """
-  _check_latents("target latents", like)
+  check_latents("target latents", like)
   if source is None:
     return jnp.zeros_like(like)
-  _check_latents("source latents", source)
+  check_latents("source latents", source)
   if source.shape != like.shape:
     raise ValueError(f"source latents {source.shape} do not match target latents {like.shape}")
   if is_edit is None:
@@ -47,15 +48,15 @@ def condition_latents(source: jax.Array | None, is_edit: jax.Array | None,
 
 def pack(target: jax.Array, condition: jax.Array) -> jax.Array:
   """Concatenates `[target | condition]` along width: [B, H, W, C] x2 -> [B, H, 2W, C]."""
-  _check_latents("target", target)
-  _check_latents("condition", condition)
+  check_latents("target", target)
+  check_latents("condition", condition)
   if target.shape != condition.shape:
     raise ValueError(f"target {target.shape} and condition {condition.shape} differ in shape")
   return jnp.concatenate([target, condition.astype(target.dtype)], axis=2)
 
 
 def _half_width(canvas: jax.Array) -> int:
-  _check_latents("canvas", canvas)
+  check_latents("canvas", canvas)
   if canvas.shape[2] % 2:
     raise ValueError(f"canvas width {canvas.shape[2]} is odd; expected [B, H, 2W, C]")
   return canvas.shape[2] // 2

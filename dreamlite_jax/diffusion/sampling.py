@@ -93,7 +93,7 @@ def guided_velocity(velocity_fn: VelocityFn, x: jax.Array, condition: jax.Array,
 
 def _validate(noise: jax.Array, condition: jax.Array, sigmas: jax.Array, cond: Any,
               uncond: Any) -> None:
-  packing._check_latents("noise", noise)
+  packing.check_latents("noise", noise)
   if condition.shape != noise.shape:
     raise ValueError(f"condition {condition.shape} must match noise {noise.shape}")
   if jnp.ndim(sigmas) != 1 or jnp.shape(sigmas)[0] < 2:

@@ -83,7 +83,7 @@ def flow_matching_loss(predict_fn: PredictFn, params: Any, batch: dict, rng: jax
     examples of each task; 0 when a task is absent), `sigma_mean`, `edit_fraction`.
   """
   x0 = _require(batch, "latents").astype(jnp.float32)
-  packing._check_latents("batch['latents']", x0)
+  packing.check_latents("batch['latents']", x0)
   b, h, w, _ = x0.shape
   text, text_mask = _require(batch, "text"), _require(batch, "text_mask")
   source = batch.get("source_latents")
@@ -98,12 +98,10 @@ def flow_matching_loss(predict_fn: PredictFn, params: Any, batch: dict, rng: jax
   k_sigma, k_noise, k_text, k_image = jax.random.split(rng, 4)
   if config.text_dropout > 0:
     text, text_mask = _drop_text(k_text, text, text_mask, batch, config.text_dropout)
-  if config.image_dropout > 0 and source is not None:
-    keep = 1.0 - jax.random.bernoulli(k_image, config.image_dropout, (b,)).astype(jnp.float32)
-    edit_in = edit * keep
-  else:
-    edit_in = edit
-  condition = packing.condition_latents(source, edit_in if source is not None else None, x0)
+  keep_source = edit
+  if config.image_dropout > 0:
+    keep_source = edit * (1.0 - jax.random.bernoulli(k_image, config.image_dropout, (b,)))
+  condition = packing.condition_latents(source, None if source is None else keep_source, x0)
 
   sigma = flow.sample_training_sigmas(k_sigma, b, config.timestep_sampling, config.logit_mean,
                                       config.logit_std, config.shift_mu)
