@@ -20,6 +20,7 @@ import os
 from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
@@ -120,7 +121,7 @@ def _resolve_checkpoints(path: str) -> str:
 def _restore_params_and_ema(directory: str, step: int, abstract: dict[str, Any] | None) -> dict:
   """Reads only `params` and `ema_params` of the state item (partial restore)."""
   with ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True),
-                             item_names=("state",)) as manager:
+                             item_handlers={"state": ocp.PyTreeCheckpointHandler()}) as manager:
     if step < 0:
       step = manager.latest_step()
     if step is None or step not in manager.all_steps():
@@ -180,7 +181,8 @@ def restore_or_init(config: ml_collections.ConfigDict, manager: ocp.CheckpointMa
     abstract = {"params": abstract_state.params, "ema_params": abstract_state.ema_params}
     parent = _restore_params_and_ema(directory, init_from.step, abstract)
     params = parent["ema_params"] if init_from.ema_as_params else parent["params"]
-    state = state.replace(params=params, ema_params=parent["ema_params"])
+    # Distinct buffers: the step donates params and EMA separately.
+    state = state.replace(params=jax.tree.map(jnp.copy, params), ema_params=parent["ema_params"])
     return state, None, f"initialised from {directory} (params + EMA)"
   return create(), None, "fresh init"
 

@@ -151,8 +151,19 @@ def replicated(mesh: Mesh) -> NamedSharding:
 def shard_batch(batch: Any, mesh: Mesh) -> Any:
   """Host-local numpy batch `[B_local, ...]` -> global jax.Arrays `[B_local * hosts, ...]`."""
   sharding = batch_sharding(mesh)
-  return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)),
-                      batch)
+
+  def put(path, x):
+    x = np.asarray(x)
+    if x.dtype.kind not in "biuf":
+      raise TypeError(f"batch{jax.tree_util.keystr(path)} has dtype {x.dtype}: the train step "
+                      f"takes numeric arrays only (encode strings before the trainer, e.g. "
+                      f"with data_pipelines.loader.map_batches)")
+    if x.ndim == 0:
+      raise ValueError(f"batch{jax.tree_util.keystr(path)} is a scalar; every batch leaf needs "
+                       f"a leading batch axis")
+    return jax.make_array_from_process_local_data(sharding, x)
+
+  return jax.tree_util.tree_map_with_path(put, batch)
 
 
 def replicated_fraction(tree: Any, shardings: Any, mesh: Mesh) -> tuple[float, list[tuple[str, int]]]:

@@ -27,6 +27,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 from tqdm import tqdm
 
+from dreamlite_jax import config_schema
 from dreamlite_jax.training import checkpoints as ckpt
 from dreamlite_jax.training import mesh as mesh_lib
 from dreamlite_jax.training import metrics as metrics_lib
@@ -113,6 +114,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, loss_fn: step_lib.Los
       `workdir/samples/step_XXXXXXXX.png`.
     devices: the mesh's devices (default: all).
   """
+  config_schema.validate_trainer(config)
   train_cfg = config.train
   is_main = jax.process_index() == 0
   mesh = mesh_lib.make_mesh(config.mesh, devices)
