@@ -49,10 +49,16 @@ _TRAIN_FIELDS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "init_from.ema_as_params": (lambda v: isinstance(v, bool), "must be a bool"),
     "data.t2i_weight": (lambda v: _is_num(v) and v >= 0, "must be >= 0"),
     "data.edit_weight": (lambda v: _is_num(v) and v >= 0, "must be >= 0"),
+    "data.t2i_cache": (lambda v: isinstance(v, str), "must be a path string"),
+    "data.edit_cache": (lambda v: isinstance(v, str), "must be a path string"),
+    "data.crop": (lambda v: v in ("center", "random"), "must be 'center' or 'random'"),
     "data.resolutions": (lambda v: _valid_resolutions(v),
                          "must be ((side_px, first_step), ...) with sides multiples of 64, "
                          "the first starting at step 0 and start steps increasing"),
 }
+
+# Stages whose `config.loss` holds `pretrain_loss.PretrainLossConfig` fields.
+PRETRAIN_STAGES = ("pretrain_t2i", "pretrain_edit", "pretrain_joint", "sft")
 
 # The fields `train()` reads; all must exist.
 TRAINER_FIELDS = ("seed",) + tuple(
@@ -103,6 +109,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _validate_dataclass_fields(config, "model.unet", "dreamlite_jax.models.unet", "UNetConfig")
   if _has(config, "model.vae"):
     _validate_dataclass_fields(config, "model.vae", "dreamlite_jax.models.vae", "VAEConfig")
+  if _has(config, "loss") and config.get("stage") in PRETRAIN_STAGES:
+    _validate_dataclass_fields(config, "loss", "dreamlite_jax.training.pretrain_loss",
+                               "PretrainLossConfig")
 
 
 def validate_trainer(config: ml_collections.ConfigDict) -> None:
