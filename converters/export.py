@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
-import json
 import sys
 import time
 from pathlib import Path
@@ -26,10 +24,10 @@ import numpy as np
 from converters import components, gpu_check, litert, numerics
 from converters.components import Component
 from converters.jax_to_tflite import PRECISIONS, convert_jax_function, output_specs
+from converters.manifest import MANIFEST_FORMAT, sha256_file, write_manifest
 from dreamlite_jax.diffusion import flow
 from dreamlite_jax.models import prompts
 
-MANIFEST_FORMAT = 'dreamlite-tflite/1'
 STUDENT_STEPS = 4
 EVAL_PROMPT = 'a red circle above a blue square'
 
@@ -51,13 +49,15 @@ class DeployModels:
   latent_scaling: float = 1.0
   latent_shift: float = 0.0
 
-
-def sha256_file(path: Path) -> str:
-  digest = hashlib.sha256()
-  with open(path, 'rb') as f:
-    for chunk in iter(lambda: f.read(1 << 20), b''):
-      digest.update(chunk)
-  return digest.hexdigest()
+  @classmethod
+  def from_pipeline(cls, pipe) -> 'DeployModels':
+    """From a `dreamlite_jax.pipeline.Pipeline` (its text encoder's static text length)."""
+    te = pipe.text_encoder
+    if te.edit_text_length != te.text_length:
+      raise ValueError(f'the phone U-Net has one text length; the pipeline uses '
+                       f'{te.text_length} (generate) and {te.edit_text_length} (edit)')
+    return cls(pipe.unet, pipe.unet_params, pipe.vae, pipe.vae_params, te.model, te.params,
+               text_len=te.text_length)
 
 
 def export_component(component: Component, gate_inputs: list[dict[str, np.ndarray]],
@@ -91,7 +91,8 @@ def export_component(component: Component, gate_inputs: list[dict[str, np.ndarra
       'gpu_check_findings': 0,
       'numerics': {'precision': precision, 'max_rel_err': worst.rel_err,
                    'max_abs_err': worst.max_abs_err, 'min_psnr_db': min(c.psnr_db for c in results),
-                   'threshold': numerics.THRESHOLDS[precision]},
+                   'threshold': numerics.THRESHOLDS[precision],
+                   'psnr_floor_db': numerics.MIN_PSNR_DB[precision]},
       **component.info,
   }
 
@@ -124,9 +125,8 @@ def text_features(models: DeployModels, tokenizer, prompt: str, seq_len: int,
   hidden = first['embeds']
   for part in parts:
     hidden = _call(part, embeds=hidden, mask=mask)['hidden']
-  drop = batch.drop
-  return (hidden[:, drop:drop + models.text_len],
-          batch.feature_mask.astype(np.float32), first)
+  drop, keep = batch.drop, batch.feature_mask.astype(np.float32)
+  return hidden[:, drop:drop + models.text_len] * keep[:, :, None], keep, first
 
 
 def export_all(models: DeployModels, out_dir: str | Path, precision: str = 'fp32',
@@ -198,8 +198,7 @@ def export_all(models: DeployModels, out_dir: str | Path, precision: str = 'fp32
 
   manifest = build_manifest(models, entries, [p.name for p in parts], table_path, precision,
                             (height, width), seq_len, sigmas, timesteps, tokenizer)
-  (out_dir / 'manifest.json').write_text(json.dumps(manifest, indent=2))
-  log(f'wrote {out_dir / "manifest.json"}')
+  log(f'wrote {write_manifest(out_dir, manifest)}')
   return manifest
 
 
@@ -235,7 +234,8 @@ def build_manifest(models: DeployModels, entries: dict, text_parts: list[str], t
           'edit_drop': prompts.EDIT_DROP,
           'encoder_length': seq_len, 'text_length': models.text_len,
           'padding': 'right-pad token ids with pad_id to encoder_length; mask 1 on real tokens',
-          'features': 'hidden[:, drop:drop + text_length] and mask[:, drop:drop + text_length]',
+          'features': 'text = hidden[:, drop:drop + text_length] * text_mask[..., None], '
+                      'text_mask = mask[:, drop:drop + text_length]',
           'encoder_models': text_parts,
           'embedding_table': {'file': table_path.name, 'sha256': sha256_file(table_path),
                               'shape': list(np.load(table_path, mmap_mode='r').shape),
@@ -246,3 +246,50 @@ def build_manifest(models: DeployModels, entries: dict, text_parts: list[str], t
       'unet': {'time_ids': [width, height], 'timestep': 'sigma * 1000'},
       'models': entries,
   }
+
+
+def _config_field(config, dotted: str):
+  node = config
+  for part in dotted.split('.'):
+    if part not in node:
+      return None
+    node = node[part]
+  return node
+
+
+def main(argv: list[str] | None = None) -> dict:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument('--checkpoint', required=True, help='training run workdir (or checkpoints/)')
+  parser.add_argument('--config', default=None,
+                      help='experiment config; its model.text_encoder.spec and '
+                           'model.vae_checkpoint are used unless given below')
+  parser.add_argument('--text-encoder', default=None, help='Qwen3-VL directory or tiny:SEED')
+  parser.add_argument('--vae-checkpoint', default=None, help='run whose params are the VAE')
+  parser.add_argument('--step', type=int, default=-1)
+  parser.add_argument('--no-ema', action='store_true', help='export the raw params, not the EMA')
+  parser.add_argument('--out', required=True, help='output directory')
+  parser.add_argument('--precision', choices=PRECISIONS, default='fp32')
+  parser.add_argument('--size', type=int, nargs='+', default=[1024], help='H [W] in pixels')
+  args = parser.parse_args(argv)
+  from dreamlite_jax.pipeline import load_pipeline
+  text_encoder, vae_checkpoint = args.text_encoder, args.vae_checkpoint
+  if args.config:
+    from dreamlite_jax.config import load_config
+    config = load_config(args.config)
+    text_encoder = text_encoder or _config_field(config, 'model.text_encoder.spec')
+    vae_checkpoint = vae_checkpoint or _config_field(config, 'model.vae_checkpoint')
+  pipe = load_pipeline(args.checkpoint, text_encoder=text_encoder, vae_checkpoint=vae_checkpoint,
+                       step=args.step, ema=not args.no_ema)
+  size = (args.size[0], args.size[-1])
+  if size[0] % pipe.size_multiple or size[1] % pipe.size_multiple:
+    parser.error(f'--size {size} must be multiples of {pipe.size_multiple}')
+  manifest = export_all(DeployModels.from_pipeline(pipe), args.out, args.precision, size,
+                        tokenizer=pipe.text_encoder.tokenizer)
+  for name, entry in manifest['models'].items():
+    print(f"{name}: {entry['bytes'] / 2 ** 20:.1f} MiB, gpu_check findings 0, "
+          f"max_rel_err {entry['numerics']['max_rel_err']:.2e}")
+  return manifest
+
+
+if __name__ == '__main__':
+  main(sys.argv[1:])

@@ -6,14 +6,17 @@ the same inputs as its JAX function and the outputs are compared. The gate
 measures the max abs error relative to the output's scale (its max magnitude)
 and reports PSNR over the reference's dynamic range.
 
-Thresholds (max abs error / output scale):
-  fp32: 1e-4. Both sides compute in float32; only op order and fused kernels
-        differ, which stays at ~1e-6 relative for our depths.
-  fp16: 1e-2. Weights are rounded to float16 (relative step 2^-11 ~ 4.9e-4 per
-        weight); across a few dozen layers those errors add up to ~1e-3 of the
-        output scale, and we allow 10x headroom (about 40 dB PSNR and better).
-        The interpreter here still computes in float32; a phone GPU running
-        float16 arithmetic adds its own error that only a device run can show.
+Thresholds (max abs error / output scale, and a PSNR floor):
+  fp32: 1e-4, no PSNR floor. Both sides compute in float32; only op order and
+        fused kernels differ, which stays near 1e-6 relative at our depths.
+  fp16: 5e-2 and PSNR >= 40 dB. Weights are rounded to float16 (relative step
+        2^-11 ~ 4.9e-4), which alone costs ~1e-3 of the output scale. The larger
+        term is the timestep sinusoid: `t * f` with the frequency table `f`
+        stored in float16 moves the fastest channels by up to t * 2^-11 ~ 0.5 rad
+        at t = 1000, which we measured as ~2e-2 max (51 dB) on a tiny U-Net. The
+        max bound catches a broken op; the PSNR floor catches broad drift. A phone
+        GPU computing in float16 adds its own error (904.53 is not a float16)
+        that only a device run shows.
 """
 from __future__ import annotations
 
@@ -25,7 +28,8 @@ import numpy as np
 
 from converters.litert import TFLiteModel
 
-THRESHOLDS = {'fp32': 1e-4, 'fp16': 1e-2}
+THRESHOLDS = {'fp32': 1e-4, 'fp16': 5e-2}
+MIN_PSNR_DB = {'fp32': 0.0, 'fp16': 40.0}
 
 
 class NumericsGateError(ValueError):
@@ -75,7 +79,9 @@ def compare_arrays(name: str, got: np.ndarray, want: np.ndarray, precision: str)
   max_abs = float(np.max(np.abs(got - want))) if got.size else 0.0
   scale = max(float(np.max(np.abs(want))) if want.size else 0.0, 1e-6)
   rel = max_abs / scale
-  return Comparison(name, max_abs, scale, rel, psnr_db(got, want), threshold, rel <= threshold)
+  psnr = psnr_db(got, want)
+  passed = rel <= threshold and psnr >= MIN_PSNR_DB[precision]
+  return Comparison(name, max_abs, scale, rel, psnr, threshold, passed)
 
 
 def compare_model(model: TFLiteModel, jax_fn: Callable[..., Mapping[str, np.ndarray]],

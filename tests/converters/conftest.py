@@ -65,14 +65,16 @@ class StandInVAE(nn.Module):
 
 
 def _random_params(abstract, seed: int):
-  """Fast random init from shapes: 'scale' leaves near 1, everything else N(0, 0.05^2)."""
+  """Fast random init from shapes: norm scales near 1, He-scaled weights, small biases."""
   rng = np.random.default_rng(seed)
   def leaf(path, x):
     name = jax.tree_util.keystr(path)
     if 'scale' in name:
       return (1.0 + 0.1 * rng.standard_normal(x.shape, np.float32))
-    fan_in = int(np.prod(x.shape[:-1])) if len(x.shape) > 1 else 400
-    return rng.standard_normal(x.shape, np.float32) * np.float32(min(0.05, fan_in ** -0.5))
+    if len(x.shape) < 2:  # biases
+      return rng.standard_normal(x.shape, np.float32) * np.float32(0.05)
+    fan_in = 1 if 'embed_tokens' in name else int(np.prod(x.shape[:-1]))
+    return rng.standard_normal(x.shape, np.float32) * np.float32((2.0 / fan_in) ** 0.5)
   return jax.tree_util.tree_map_with_path(leaf, nn.meta.unbox(abstract))
 
 

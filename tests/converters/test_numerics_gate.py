@@ -21,6 +21,8 @@ def test_compare_arrays_metrics():
   assert not numerics.compare_arrays('y', want + 1e-3, want, 'fp32').passed
   assert numerics.compare_arrays('y', want + 1e-3, want, 'fp16').passed
   assert not numerics.compare_arrays('y', np.full_like(want, np.nan), want, 'fp16').passed
+  drift = numerics.compare_arrays('y', want + 0.06, want, 'fp16')  # within max, broad drift
+  assert drift.rel_err < numerics.THRESHOLDS['fp16'] and drift.psnr_db < 40 and not drift.passed
   with pytest.raises(ValueError, match='precision'):
     numerics.compare_arrays('y', want, want, 'int8')
 
