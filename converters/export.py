@@ -77,6 +77,9 @@ def export_component(component: Component, gate_inputs: list[dict[str, np.ndarra
     results = numerics.numerics_gate(model, reference, gate_inputs, precision)
   except numerics.NumericsGateError as e:
     raise ExportGateError(str(e)) from e
+  sum_risks = gpu_check.fp16_sum_risks(content)
+  for warning in sum_risks[:5]:
+    log(f'{component.name}: warning: {warning}')
   path = out_dir / f'{component.name}.tflite'
   path.write_bytes(content)
   worst = numerics.worst(results)
@@ -89,6 +92,7 @@ def export_component(component: Component, gate_inputs: list[dict[str, np.ndarra
       'outputs': [s.to_json() for s in output_specs(component.fn, component.params,
                                                      component.inputs)],
       'gpu_check_findings': 0,
+      'large_sum_reductions': len(sum_risks),
       'numerics': {'precision': precision, 'max_rel_err': worst.rel_err,
                    'max_abs_err': worst.max_abs_err, 'min_psnr_db': min(c.psnr_db for c in results),
                    'threshold': numerics.THRESHOLDS[precision],

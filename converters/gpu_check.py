@@ -112,6 +112,7 @@ class _Tensor:
   shape: tuple[int, ...]
   signature: tuple[int, ...]
   is_const: bool
+  int_data: tuple[int, ...] | None = None  # values of small int32 constants (axes, shapes)
 
   @property
   def dtype_name(self) -> str:
@@ -154,7 +155,10 @@ def _read_tensors(model, subgraph) -> list[_Tensor]:
     buf = model.Buffers(t.Buffer()) if 0 < t.Buffer() < model.BuffersLength() else None
     is_const = buf is not None and (buf.DataLength() > 0 or buf.Offset() > 1)
     name = (t.Name() or b'').decode('utf-8', 'replace')
-    tensors.append(_Tensor(i, name, t.Type(), shape, sig, is_const))
+    int_data = None
+    if is_const and t.Type() == _T.INT32 and 0 < buf.DataLength() <= 64:
+      int_data = tuple(int(v) for v in np.frombuffer(buf.DataAsNumpy().tobytes(), '<i4'))
+    tensors.append(_Tensor(i, name, t.Type(), shape, sig, is_const, int_data))
   return tensors
 
 
@@ -330,6 +334,29 @@ def check_model(model: bytes | str | Path) -> list[Finding]:
   return findings
 
 
+def fp16_sum_risks(model: bytes | str | Path, max_terms: int = 4096) -> list[str]:
+  """SUM reductions over more than `max_terms` elements, as readable warnings.
+
+  Not delegate findings: the GPU delegate runs them. But JAX lowers `jnp.mean` to
+  SUM followed by MUL(1/N), so a mean over 32768 positions is a float16 sum that
+  overflows (65504) once the mean |x| passes 2. Reducing in stages (over W, then
+  H, then the group) keeps every partial sum small.
+  """
+  _, m = _load_model(model)
+  warnings = []
+  for sg in range(m.SubgraphsLength()):
+    subgraph = m.Subgraphs(sg)
+    for op in _read_ops(m, subgraph, _read_tensors(m, subgraph)):
+      if op.name != 'SUM' or len(op.inputs) < 2 or op.inputs[1].int_data is None:
+        continue
+      shape = op.inputs[0].shape
+      terms = int(np.prod([shape[a] for a in op.inputs[1].int_data], dtype=np.int64))
+      if terms > max_terms:
+        warnings.append(f'subgraph {sg} op #{op.index} SUM over {terms} elements of '
+                        f'{op.inputs[0].describe()} (float16 overflow past 65504)')
+  return warnings
+
+
 def op_histogram(model: bytes | str | Path) -> dict[str, int]:
   """Op name -> count over all subgraphs, most frequent first."""
   _, m = _load_model(model)
@@ -370,6 +397,8 @@ def main(argv: list[str] | None = None) -> int:
       print(f'{path}: ops: {ops}')
     for f in findings:
       print(f'{path}: {f}')
+    for w in fp16_sum_risks(path):
+      print(f'{path}: warning: {w}')
     print(f'{path}: {len(findings)} finding(s)')
     total += len(findings)
   return 1 if total else 0

@@ -83,3 +83,13 @@ def test_cli_exit_codes(tmp_path, bad_model, clean_model, capsys):
 def test_rejects_non_tflite_bytes():
   with pytest.raises(ValueError, match='TFL3'):
     gpu_check.check_model(b'\x00' * 64)
+
+
+def test_large_sum_reductions_are_warned_about():
+  @tf.function(input_signature=[tf.TensorSpec([1, 64, 128, 8], tf.float32, name='x')])
+  def means(x):
+    big = tf.reduce_sum(x, axis=[1, 2], keepdims=True) * (1.0 / 8192)   # one sum of 8192 terms
+    staged = tf.reduce_sum(tf.reduce_sum(x, axis=2, keepdims=True), axis=1, keepdims=True)
+    return {'big': big, 'staged': staged}
+  warnings = gpu_check.fp16_sum_risks(_convert(means))
+  assert len(warnings) == 1 and 'SUM over 8192 elements' in warnings[0]
