@@ -107,6 +107,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
             "data.t2i_weight + data.edit_weight must be > 0")
   if _has(config, "model.unet"):
     _validate_dataclass_fields(config, "model.unet", "dreamlite_jax.models.unet", "UNetConfig")
+  if _has(config, "model.unet.dtype") and _has(config, "train.compute_dtype"):
+    require(config, "model.unet.dtype", lambda v: v == config.train.compute_dtype,
+            f"must equal config.train.compute_dtype = {config.train.compute_dtype!r}")
   if _has(config, "model.vae"):
     _validate_dataclass_fields(config, "model.vae", "dreamlite_jax.models.vae", "VAEConfig")
   if _has(config, "loss") and config.get("stage") in PRETRAIN_STAGES:
@@ -137,7 +140,8 @@ def _validate_dataclass_fields(config, field: str, module_name: str, class_name:
     raise ConfigError(f"config.{field}.{unknown[0]}: not a field of {class_name} "
                       f"(unknown: {unknown})")
   try:
-    cls(**section.to_dict())
+    build = getattr(cls, "from_dict", None) or (lambda d: cls(**d))
+    build(section.to_dict())
   except (TypeError, ValueError) as e:
     raise ConfigError(f"config.{field}: {class_name} rejects it: {e}") from e
 
