@@ -1,0 +1,163 @@
+"""The TAESD-style tiny autoencoder DreamLite ships (diffusers `AutoencoderTiny` layout).
+
+8x downsampling to 4 latent channels, plain 3x3 convs with ReLU, nearest 2x
+upsampling, decoder input clamp `tanh(z/3)*3`. Images are NHWC in [-1, 1].
+Widths and block counts are configurable so the tiny CPU default trains its own.
+
+Submodules are named `layers_<i>` with the index of the matching entry of the
+reference's `nn.Sequential` (activations and upsamplers included), so
+`models/weights.py` maps names 1:1.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from dreamlite_jax.models import layers
+
+
+@dataclasses.dataclass(frozen=True)
+class VAEConfig:
+  """Hyper-parameters of the tiny autoencoder (defaults: TAESD-XL as used by DreamLite)."""
+  in_channels: int = 3
+  latent_channels: int = 4
+  encoder_channels: tuple[int, ...] = (64, 64, 64, 64)
+  decoder_channels: tuple[int, ...] = (64, 64, 64, 64)
+  encoder_blocks: tuple[int, ...] = (1, 3, 3, 3)
+  decoder_blocks: tuple[int, ...] = (3, 3, 3, 1)
+  scaling_factor: float = 1.0
+  shift_factor: float = 0.0
+  dtype: str = "float32"
+  param_dtype: str = "float32"
+
+  def __post_init__(self):
+    if len(self.encoder_channels) != len(self.encoder_blocks):
+      raise ValueError("VAEConfig.encoder_channels and encoder_blocks need the same length")
+    if len(self.decoder_channels) != len(self.decoder_blocks):
+      raise ValueError("VAEConfig.decoder_channels and decoder_blocks need the same length")
+
+  @classmethod
+  def taesd(cls) -> "VAEConfig":
+    return cls()
+
+  @classmethod
+  def tiny(cls) -> "VAEConfig":
+    """A CPU-sized 8x autoencoder for the shapes world."""
+    return cls(encoder_channels=(32, 32, 32, 32), decoder_channels=(32, 32, 32, 32),
+               encoder_blocks=(1, 1, 1, 1), decoder_blocks=(1, 1, 1, 1))
+
+  @property
+  def downsample_factor(self) -> int:
+    return 2 ** (len(self.encoder_channels) - 1)
+
+  @classmethod
+  def from_dict(cls, d) -> "VAEConfig":
+    d = dict(d)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - names)
+    if unknown:
+      raise ValueError(f"unknown VAEConfig field(s): {unknown}")
+    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+
+  @classmethod
+  def from_diffusers(cls, cfg: dict) -> "VAEConfig":
+    """Config from an `AutoencoderTiny` `config.json` dict."""
+    for key, want in (("act_fn", "relu"), ("upsample_fn", "nearest"), ("upsampling_scaling_factor", 2)):
+      if cfg.get(key, want) != want:
+        raise ValueError(f"vae config.json: {key}={cfg[key]!r} is not supported (need {want!r})")
+    return cls(in_channels=cfg.get("in_channels", 3), latent_channels=cfg.get("latent_channels", 4),
+               encoder_channels=tuple(cfg.get("encoder_block_out_channels", (64,) * 4)),
+               decoder_channels=tuple(cfg.get("decoder_block_out_channels", (64,) * 4)),
+               encoder_blocks=tuple(cfg.get("num_encoder_blocks", (1, 3, 3, 3))),
+               decoder_blocks=tuple(cfg.get("num_decoder_blocks", (3, 3, 3, 1))),
+               scaling_factor=float(cfg.get("scaling_factor", 1.0) or 1.0),
+               shift_factor=float(cfg.get("shift_factor", 0.0) or 0.0))
+
+
+def _dtypes(config: VAEConfig):
+  d = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+  return dict(dtype=d[config.dtype], param_dtype=d[config.param_dtype])
+
+
+class TinyBlock(nn.Module):
+  """conv-ReLU-conv-ReLU-conv plus identity skip, then ReLU."""
+  features: int
+  dtype: object = jnp.float32
+  param_dtype: object = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    h = nn.relu(layers.Conv(self.features, 3, name="conv_0", **kw)(x))
+    h = nn.relu(layers.Conv(self.features, 3, name="conv_2", **kw)(h))
+    h = layers.Conv(self.features, 3, name="conv_4", **kw)(h)
+    if x.shape[-1] != self.features:
+      x = layers.Conv(self.features, 1, use_bias=False, name="skip", **kw)(x)
+    return nn.relu(h + x)
+
+
+class TinyEncoder(nn.Module):
+  """Images `[B, H, W, 3]` in [-1, 1] -> latents `[B, H/8, W/8, C]`."""
+  config: VAEConfig
+
+  @nn.compact
+  def __call__(self, x):
+    c, kw = self.config, _dtypes(self.config)
+    x = (x.astype(kw["dtype"]) + 1.0) / 2.0
+    i = 0
+    for level, (ch, n) in enumerate(zip(c.encoder_channels, c.encoder_blocks)):
+      if level == 0:
+        x = layers.Conv(ch, 3, name=f"layers_{i}", **kw)(x)
+      else:
+        x = layers.Conv(ch, 3, stride=2, use_bias=False, name=f"layers_{i}", **kw)(x)
+      i += 1
+      for _ in range(n):
+        x = TinyBlock(ch, name=f"layers_{i}", **kw)(x)
+        i += 1
+    return layers.Conv(c.latent_channels, 3, name=f"layers_{i}", **kw)(x).astype(jnp.float32)
+
+
+class TinyDecoder(nn.Module):
+  """Latents `[B, h, w, C]` -> images `[B, 8h, 8w, 3]` in about [-1, 1]."""
+  config: VAEConfig
+
+  @nn.compact
+  def __call__(self, z):
+    c, kw = self.config, _dtypes(self.config)
+    x = jnp.tanh(z.astype(kw["dtype"]) / 3.0) * 3.0
+    x = nn.relu(layers.Conv(c.decoder_channels[0], 3, name="layers_0", **kw)(x))
+    i = 2  # index 1 is the ReLU
+    last = len(c.decoder_channels) - 1
+    for level, (ch, n) in enumerate(zip(c.decoder_channels, c.decoder_blocks)):
+      for _ in range(n):
+        x = TinyBlock(ch, name=f"layers_{i}", **kw)(x)
+        i += 1
+      if level != last:
+        x = layers.upsample_nearest_2x(x)
+        i += 1
+      out = c.in_channels if level == last else ch
+      x = layers.Conv(out, 3, use_bias=level == last, name=f"layers_{i}", **kw)(x)
+      i += 1
+    return (x * 2.0 - 1.0).astype(jnp.float32)
+
+
+class TinyAutoencoder(nn.Module):
+  """Encoder + decoder; `encode`/`decode` apply the latent scaling and shift."""
+  config: VAEConfig
+
+  def setup(self):
+    self.encoder = TinyEncoder(self.config)
+    self.decoder = TinyDecoder(self.config)
+
+  def encode(self, images):
+    """`[B, H, W, 3]` in [-1, 1] -> scaled latents `[B, H/8, W/8, C]`."""
+    return (self.encoder(images) - self.config.shift_factor) * self.config.scaling_factor
+
+  def decode(self, latents):
+    """Scaled latents `[B, h, w, C]` -> images `[B, 8h, 8w, 3]`."""
+    return self.decoder(latents / self.config.scaling_factor + self.config.shift_factor)
+
+  def __call__(self, images):
+    return self.decode(self.encode(images))
