@@ -1,0 +1,223 @@
+"""The job runner: the stages a config lists, in order, each from its parent's checkpoint.
+
+A *job* is one workdir with one sub-directory per stage (`<workdir>/<stage>/`).
+`run_job(config, workdir)` walks `config.stages` (a comma-separated string, or
+the `--stages a,b` selection), skips every stage whose `DONE.json` exists (a
+finished stage), runs the others through the registry below, writes their
+`DONE.json` last, and finally renders `report.md` + `scores.json`. Re-running
+a job resumes it: finished stages are skipped, an interrupted one resumes from
+its own orbax checkpoints (the trainer's resume order).
+
+## The stage-runner contract (RL, distillation and every other stage follow it)
+
+    def run_stage(ctx: StageContext) -> dict
+
+* `ctx.config`        the full job ConfigDict (read your section as `ctx.section`,
+                      i.e. `ctx.config[ctx.name]`; shared parts are `ctx.config.model`,
+                      `.mesh`, `.seed`, `.data`, `.eval`).
+* `ctx.name`          the stage name (also its config section and sub-directory).
+* `ctx.workdir`       this stage's directory (create checkpoints, metrics, PNGs here).
+* `ctx.parent_workdir` the parent stage's directory (`config.<stage>.parent`), whose
+                      `checkpoints/` hold the U-Net to start from, or None.
+* `ctx.parent_results` the parent's `DONE.json` results (dict), or {}.
+* `ctx.models`        `SharedModels`, built lazily once per job:
+    `.unet_config` (UNetConfig), `.unet` (DreamLiteUNet module),
+    `.vae` (TinyAutoencoder module), `.vae_params` (from the `vae` stage),
+    `.text_encoder` (frozen TextEncoder: tiny Qwen3, fixed seed, real tokenizer),
+    `.pipeline(unet_params)` -> `dreamlite_jax.pipeline.Pipeline`.
+* `ctx.eval_sets()`   the fixed shapes evaluation sets (`dreamlite_jax.eval.shapes_stage`):
+                      T2I prompts and edit triplets, held-in and held-out.
+* `ctx.stage_config(section)` a trainer-ready ConfigDict: `seed`, `mesh`, `model`
+                      and the section's `train`/`loss`/`data`, with
+                      `init_from.workdir` set to the parent's directory.
+
+The runner returns a JSON-able dict that becomes `DONE.json["results"]`. Keys the
+report reads when present: `steps` (int), `final_loss` (float), `checkpoint`
+(a workdir whose checkpoints hold the stage's U-Net; default `ctx.workdir`),
+`scores` (a `shapes_stage.evaluate` dict: `{"t2i": {...}, "edit": {...}}`),
+`rl` (`{"before": float, "after": float, ...}`), `distill` (`{"teacher",
+"teacher_naive_4step", "student_4step"}`), `convert` (`{"gpu_check_findings",
+"max_abs_err_fp32", "files": [...]}`), `sample_grids` (PNG paths relative to the
+stage dir). The runner writes only under `ctx.workdir` and must resume when
+re-run after an interruption (the shared trainer does this).
+
+Register a runner by adding it to `STAGE_RUNNERS` below (names fail loudly).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+import time
+from typing import Any, Callable
+
+import ml_collections
+
+from dreamlite_jax.config import ConfigError
+
+DONE_FILE = "DONE.json"
+
+
+@dataclasses.dataclass
+class StageContext:
+  """What a stage runner gets (see the module docstring)."""
+  config: ml_collections.ConfigDict
+  name: str
+  workdir: str
+  job_workdir: str
+  parent_workdir: str | None
+  parent_results: dict
+  models: "Any"  # dreamlite_jax.shared_models.SharedModels
+
+  @property
+  def section(self) -> ml_collections.ConfigDict:
+    return self.config[self.name]
+
+  def eval_sets(self) -> dict:
+    from dreamlite_jax.eval import shapes_stage
+    return shapes_stage.eval_sets(self.config)
+
+  def stage_config(self, section: ml_collections.ConfigDict | None = None
+                   ) -> ml_collections.ConfigDict:
+    """A trainer-ready config: seed, mesh, model, the section's fields, init_from = parent."""
+    from experiments import train_defaults
+    section = self.section if section is None else section
+    config = ml_collections.ConfigDict()
+    config.stage = self.name
+    config.seed = self.config.seed
+    config.mesh = self.config.mesh
+    config.model = self.config.model
+    for key, value in section.items():
+      if key != "parent":
+        config[key] = value
+    config.init_from = train_defaults.init_from_config(
+        workdir=self.parent_workdir or "", ema_as_params=bool(section.get("init_from_ema", False)))
+    return config
+
+
+Runner = Callable[[StageContext], dict]
+
+
+def _vae(ctx):
+  from dreamlite_jax.training import vae_stage
+  return vae_stage.run_stage(ctx)
+
+
+def _pretrain(ctx):
+  from dreamlite_jax.training import pretrain_stage
+  return pretrain_stage.run_stage(ctx)
+
+
+def _eval(ctx):
+  from dreamlite_jax.eval import shapes_stage
+  return shapes_stage.run_stage(ctx)
+
+
+def _convert(ctx):
+  from dreamlite_jax import convert_stage
+  return convert_stage.run_stage(ctx)
+
+
+# The one table of stage names. Imports are lazy so a job that runs one stage
+# does not import every other stage's dependencies.
+STAGE_RUNNERS: dict[str, Runner] = {
+    "vae": _vae,
+    "pretrain_t2i": _pretrain,
+    "pretrain_edit": _pretrain,
+    "pretrain_joint": _pretrain,
+    "sft": _pretrain,
+    "eval": _eval,
+    "convert": _convert,
+}
+
+
+def parse_stages(text: str) -> list[str]:
+  """'a,b' -> ['a', 'b']; unknown names raise ConfigError listing the known ones."""
+  names = [s.strip() for s in text.split(",") if s.strip()]
+  if not names:
+    raise ConfigError(f"stage list {text!r} is empty")
+  unknown = [n for n in names if n not in STAGE_RUNNERS]
+  if unknown:
+    raise ConfigError(f"unknown stage(s) {unknown}; known stages: {sorted(STAGE_RUNNERS)}")
+  if len(set(names)) != len(names):
+    raise ConfigError(f"stage list {text!r} names a stage twice")
+  return names
+
+
+def done_path(workdir: str, stage: str) -> str:
+  return os.path.join(workdir, stage, DONE_FILE)
+
+
+def read_done(workdir: str, stage: str) -> dict | None:
+  """The stage's DONE.json record ({"stage", "results", "wall_time_s", ...}) or None."""
+  path = done_path(workdir, stage)
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    return json.load(f)
+
+
+def _write_done(workdir: str, stage: str, record: dict) -> None:
+  path = done_path(workdir, stage)
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump(record, f, indent=2, sort_keys=True)
+  os.replace(tmp, path)  # atomic: DONE.json appears complete or not at all
+
+
+def _parent(config: ml_collections.ConfigDict, stage: str, workdir: str) -> tuple[str | None, dict]:
+  section = config.get(stage)
+  if section is None:
+    raise ConfigError(f"config has no section for stage {stage!r} (config.{stage})")
+  parent = section.get("parent", "")
+  if not parent:
+    return None, {}
+  record = read_done(workdir, parent)
+  if record is None:
+    raise ConfigError(f"config.{stage}.parent = {parent!r}: that stage has not finished in "
+                      f"{workdir} (no {done_path(workdir, parent)}); run it first")
+  results = record["results"]
+  return os.path.abspath(results.get("checkpoint") or os.path.join(workdir, parent)), results
+
+
+def run_job(config: ml_collections.ConfigDict, workdir: str, stages: str | None = None,
+            log: Callable[[str], None] = print) -> dict:
+  """Runs the job's stages in order, skipping finished ones; returns {stage: DONE record}.
+
+  `stages` (comma-separated) selects a subset; default `config.stages`. After the
+  stages the report (`report.md`, `scores.json`, PNGs) is rewritten from every
+  finished stage in the workdir.
+  """
+  from dreamlite_jax import report
+  from dreamlite_jax import shared_models
+
+  names = parse_stages(stages if stages is not None else config.stages)
+  workdir = os.path.abspath(workdir)
+  os.makedirs(workdir, exist_ok=True)
+  with open(os.path.join(workdir, "config.json"), "w") as f:
+    f.write(config.to_json_best_effort(indent=2))
+  models = shared_models.SharedModels(config, workdir)
+  records = {}
+  for name in names:
+    record = read_done(workdir, name)
+    if record is not None:
+      log(f"[job] {name}: finished earlier ({record['wall_time_s']:.0f}s), skipping")
+      records[name] = record
+      continue
+    parent_workdir, parent_results = _parent(config, name, workdir)
+    stage_dir = os.path.join(workdir, name)
+    os.makedirs(stage_dir, exist_ok=True)
+    ctx = StageContext(config=config, name=name, workdir=stage_dir, job_workdir=workdir,
+                       parent_workdir=parent_workdir, parent_results=parent_results,
+                       models=models)
+    log(f"[job] {name}: starting" + (f" from {parent_workdir}" if parent_workdir else ""))
+    start = time.time()
+    results = STAGE_RUNNERS[name](ctx)
+    record = {"stage": name, "results": results, "wall_time_s": time.time() - start,
+              "finished_at": time.strftime("%Y-%m-%d %H:%M:%S")}
+    _write_done(workdir, name, record)
+    log(f"[job] {name}: done in {record['wall_time_s']:.0f}s")
+    records[name] = record
+  report.write_report(config, workdir, log=log)
+  return records
