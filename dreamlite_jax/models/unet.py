@@ -61,7 +61,10 @@ class UNetConfig:
       for kind in getattr(self, field):
         if kind not in ("cross", "full", "none"):
           raise ValueError(f"UNetConfig.{field}: unknown block kind {kind!r}")
-    for c in self.block_out_channels:
+    for level, (c, h) in enumerate(zip(self.block_out_channels, self.heads)):
+      if h * self.head_dim != c:
+        raise ValueError(f"UNetConfig: level {level} has {c} channels but heads*head_dim = "
+                         f"{h}*{self.head_dim}; the transformer width must equal the channels")
       if c % self.norm_groups:
         raise ValueError(f"UNetConfig.block_out_channels: {c} not divisible by norm_groups={self.norm_groups}")
 
@@ -74,7 +77,7 @@ class UNetConfig:
   def tiny(cls, encoder_hid_dim: int = 64) -> "UNetConfig":
     """A CPU-sized U-Net with every DreamLite feature on (MQA, qk-norm, separable blocks)."""
     return cls(block_out_channels=(32, 64, 64), transformer_depth=(1, 1, 1), mid_transformer_depth=1,
-               heads=(2, 2, 2), head_dim=32, norm_groups=8, cross_attention_dim=64,
+               heads=(1, 2, 2), head_dim=32, norm_groups=8, cross_attention_dim=64,
                encoder_hid_dim=encoder_hid_dim, time_embed_dim=128, addition_time_embed_dim=32)
 
   @property
