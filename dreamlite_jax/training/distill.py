@@ -1,0 +1,537 @@
+"""DMD2-style step distillation: a CFG teacher (many steps) -> a few-step CFG-free student.
+
+Three denoisers of the same kind (any `predict_fn(params, canvas, timestep,
+cond) -> velocity` on the packed `[target | condition]` canvas):
+- the *real score*: the frozen teacher, queried with classifier-free (or, for
+  edits, dual) guidance;
+- the *fake score*: trainable, initialised from the teacher, fitted by flow
+  matching to the student's current outputs, so it tracks their distribution;
+- the *student*: initialised from the teacher, run on a fixed short schedule
+  (`student_sigmas`, e.g. the mobile [1000, 904.53, 759.51, 512.84] / 1000).
+
+The student's x0 prediction at a random one of its steps (reached by running
+its own earlier steps, "backward simulation") is pushed along
+`x0_fake(x_t) - x0_real(x_t)` at a random noise level `t` (the gradient of the
+reverse KL, normalised per example as in DMD). Two-time-scale updates: each
+step does `fake_updates` fake-score updates, then one student update. Optional
+extras: a regression loss onto teacher ODE endpoints from the same noise
+(through the student's deterministic Euler path), and a GAN head on pooled
+fake-score features (real latents vs student outputs).
+
+Only the target half is ever noised or generated; the condition half (zeros
+for T2I, the clean source latent for edits) is passed through untouched.
+The same `distill_step` drives the 2-D toy test (MLP velocity models and an
+analytic teacher) and the U-Net stage.
+
+Batch (dict, leading axis B): `latents` [B, H, W, C] (shape; also the "real"
+images of the GAN), `text` [B, L, D], `text_mask` [B, L], optional
+`source_latents` + `is_edit` [B], optional `time_ids` [B, 2], and
+`null_text` [B|1, L, D] + `null_text_mask` [B|1, L] whenever the teacher uses
+guidance.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+from flax import struct
+from jax.sharding import Mesh
+
+from dreamlite_jax.diffusion import flow
+from dreamlite_jax.diffusion import packing
+from dreamlite_jax.diffusion import sampling
+from dreamlite_jax.training import mesh as mesh_lib
+from dreamlite_jax.training import state as state_lib
+
+# (params, canvas [B, H, 2W, C], timestep [B], cond) -> velocity [B, H, 2W, C]
+PredictFn = Callable[[Any, jax.Array, jax.Array, dict], jax.Array]
+# (params, canvas, timestep, cond) -> (velocity [B, H, 2W, C], features [B, ...])
+FeaturesFn = Callable[[Any, jax.Array, jax.Array, dict], tuple[jax.Array, jax.Array]]
+
+STUDENT_SAMPLERS = ("euler", "renoise")
+
+
+@dataclasses.dataclass(frozen=True)
+class DistillConfig:
+  """The distillation objective (the `config.distill` section of a stage)."""
+  student_sigmas: tuple[float, ...]  # student schedule, decreasing, without the final 0
+  student_sampler: str = "euler"  # how the student moves between its steps (see few_step_sample)
+  fake_updates: int = 5  # fake-score updates per student update (two time scales)
+  guidance_scale: float = 3.5  # real-score text CFG
+  image_guidance_scale: float | None = None  # dual guidance (edit); T2I rows reduce to text CFG
+  dmd_weight: float = 1.0
+  sigma_min: float = 0.02  # range of the DMD noise level t
+  sigma_max: float = 0.98
+  regression_weight: float = 0.0  # 0 = off
+  regression_steps: int = 28  # teacher Euler steps of the regression targets
+  gan_weight: float = 0.0  # student's non-saturating GAN loss weight; 0 = no GAN head
+  gan_disc_weight: float = 1.0  # classifier loss weight inside the fake-score update
+  gan_hidden: int = 64
+
+  def __post_init__(self):
+    s = self.student_sigmas
+    if len(s) < 1 or any(not 0.0 < x <= 1.0 for x in s) or any(a <= b for a, b in zip(s, s[1:])):
+      raise ValueError(f"distill.student_sigmas must be decreasing values in (0, 1], got {s}")
+    if self.student_sampler not in STUDENT_SAMPLERS:
+      raise ValueError(f"distill.student_sampler={self.student_sampler!r}; expected one of "
+                       f"{STUDENT_SAMPLERS}")
+    if self.fake_updates < 1:
+      raise ValueError(f"distill.fake_updates must be >= 1, got {self.fake_updates}")
+    if not 0.0 <= self.sigma_min < self.sigma_max <= 1.0:
+      raise ValueError(f"distill.sigma_min/sigma_max must satisfy 0 <= min < max <= 1, got "
+                       f"{self.sigma_min}, {self.sigma_max}")
+    for name in ("dmd_weight", "regression_weight", "gan_weight", "gan_disc_weight"):
+      if getattr(self, name) < 0:
+        raise ValueError(f"distill.{name} must be >= 0, got {getattr(self, name)}")
+    if self.regression_steps < 1:
+      raise ValueError(f"distill.regression_steps must be >= 1, got {self.regression_steps}")
+
+  @property
+  def uses_gan(self) -> bool:
+    return self.gan_weight > 0
+
+  @property
+  def schedule(self) -> jax.Array:
+    """Student sigmas with the terminal 0: [K + 1]."""
+    return jnp.asarray(tuple(self.student_sigmas) + (0.0,), jnp.float32)
+
+
+@dataclasses.dataclass(frozen=True)
+class DistillModels:
+  """The functions distillation calls. `teacher_fn` defaults to `predict_fn`
+  (same architecture); `features_fn` is required when the GAN head is on."""
+  predict_fn: PredictFn
+  teacher_fn: PredictFn | None = None
+  features_fn: FeaturesFn | None = None
+
+  @property
+  def teacher(self) -> PredictFn:
+    return self.teacher_fn or self.predict_fn
+
+
+class GANHead(nn.Module):
+  """Real/fake logit from fake-score features: [B, ..., F] -> mean-pooled [B, F] -> [B]."""
+  hidden: int = 64
+
+  @nn.compact
+  def __call__(self, features: jax.Array) -> jax.Array:
+    x = features.astype(jnp.float32)
+    x = x.reshape(x.shape[0], -1, x.shape[-1]).mean(axis=1)
+    x = nn.silu(nn.Dense(self.hidden, name="hidden")(x))
+    return nn.Dense(1, name="logit")(x)[:, 0]
+
+
+@struct.dataclass
+class DistillState:
+  """Student and fake-score train states (the GAN head lives in `fake.params['head']`)."""
+  student: state_lib.TrainState
+  fake: state_lib.TrainState
+
+  @property
+  def step(self) -> jax.Array:
+    """Student updates so far (the stage's step counter; checkpoints are named by it)."""
+    return self.student.step
+
+
+# ----------------------------------------------------------------------------
+# Batch -> (x0 shape, condition, cond, uncond).
+
+
+def _require(batch: dict, key: str) -> jax.Array:
+  if key not in batch:
+    raise KeyError(f"distillation batch is missing {key!r}; it has {sorted(batch)}")
+  return batch[key]
+
+
+def batch_inputs(batch: dict, need_uncond: bool) -> tuple[jax.Array, jax.Array, dict, dict | None]:
+  """(real latents [B, H, W, C], condition [B, H, W, C], cond, uncond or None)."""
+  latents = _require(batch, "latents").astype(jnp.float32)
+  packing.check_latents("batch['latents']", latents)
+  b, h, w, _ = latents.shape
+  source, is_edit = batch.get("source_latents"), batch.get("is_edit")
+  if source is not None and is_edit is None:
+    raise KeyError("distillation batch has 'source_latents' but no 'is_edit' [B] flag")
+  condition = packing.condition_latents(source, is_edit, latents)
+  time_ids = batch.get("time_ids")
+  if time_ids is None:
+    time_ids = jnp.tile(jnp.array([[w * flow.VAE_SCALE, h * flow.VAE_SCALE]], jnp.float32), (b, 1))
+  text, text_mask = _require(batch, "text"), _require(batch, "text_mask")
+  cond = {"text": text, "text_mask": text_mask, "time_ids": time_ids}
+  if not need_uncond:
+    return latents, condition, cond, None
+  null_text, null_mask = _require(batch, "null_text"), _require(batch, "null_text_mask")
+  if null_text.shape[1:] != text.shape[1:] or null_mask.shape[1:] != text_mask.shape[1:]:
+    raise ValueError(f"null_text {null_text.shape}/null_text_mask {null_mask.shape} must match "
+                     f"text {text.shape}/text_mask {text_mask.shape} except in the batch axis")
+  uncond = {"text": jnp.broadcast_to(null_text, text.shape).astype(text.dtype),
+            "text_mask": jnp.broadcast_to(null_mask, text_mask.shape).astype(text_mask.dtype),
+            "time_ids": time_ids}
+  return latents, condition, cond, uncond
+
+
+def _col(sigma: jax.Array) -> jax.Array:
+  return sigma.reshape(-1, 1, 1, 1)
+
+
+def _velocity(fn: PredictFn, params: Any, x: jax.Array, sigma: jax.Array, condition: jax.Array,
+              cond: dict) -> jax.Array:
+  """Target-half velocity at per-example noise levels `sigma` [B]."""
+  out = fn(params, packing.pack(x, condition), sigma * flow.NUM_TRAIN_TIMESTEPS, cond)
+  return packing.unpack_target(out).astype(jnp.float32)
+
+
+def guided_teacher_velocity(fn: PredictFn, params: Any, x: jax.Array, sigma: jax.Array,
+                            condition: jax.Array, cond: dict, uncond: dict | None,
+                            guidance_scale: float, image_guidance_scale: float | None) -> jax.Array:
+  """`sampling.guided_velocity` with a per-example `sigma` [B]; returns [B, H, W, C].
+
+  Guidance 1 without image guidance is the plain conditional field (one branch).
+  """
+  if uncond is None or (guidance_scale == 1.0 and image_guidance_scale is None):
+    return _velocity(fn, params, x, sigma, condition, cond)
+  b = x.shape[0]
+  if image_guidance_scale is None:
+    conds, cond_lat = [uncond, cond], [condition, condition]
+  else:
+    conds, cond_lat = [uncond, uncond, cond], [jnp.zeros_like(condition), condition, condition]
+  n = len(conds)
+  v = _velocity(fn, params, jnp.concatenate([x] * n), jnp.concatenate([sigma] * n),
+                jnp.concatenate(cond_lat), jax.tree.map(lambda *xs: jnp.concatenate(xs), *conds))
+  if n == 2:
+    u, vt = v[:b], v[b:]
+    return u + guidance_scale * (vt - u)
+  u, vi, vt = v[:b], v[b:2 * b], v[2 * b:]
+  return u + guidance_scale * (vt - vi) + image_guidance_scale * (vi - u)
+
+
+# ----------------------------------------------------------------------------
+# The student.
+
+
+def student_inputs(fn: PredictFn, params: Any, noise: jax.Array, condition: jax.Array,
+                   cond: dict, config: DistillConfig, index: jax.Array,
+                   rng: jax.Array) -> jax.Array:
+  """Backward simulation: the student's input at its step `index` [B] (no gradient).
+
+  Runs the student's own first steps from `noise` [B, H, W, C] with its
+  sampler, so training sees exactly the inputs inference will produce.
+  Returns x at sigma_{index} [B, H, W, C].
+  """
+  sigmas = config.schedule
+  b = noise.shape[0]
+  xs = [noise]
+  x = noise
+  for j in range(len(config.student_sigmas) - 1):
+    s, s_next = sigmas[j], sigmas[j + 1]
+    v = _velocity(fn, params, x, jnp.full((b,), s), condition, cond)
+    if config.student_sampler == "euler":
+      x = x + (s_next - s) * v
+    else:
+      e = jax.random.normal(jax.random.fold_in(rng, j), x.shape, jnp.float32)
+      x = (1.0 - s_next) * (x - s * v) + s_next * e
+    xs.append(x)
+  return jax.lax.stop_gradient(jnp.stack(xs)[index, jnp.arange(b)])
+
+
+def student_x0(fn: PredictFn, params: Any, latent_shape: tuple[int, ...], condition: jax.Array,
+               cond: dict, config: DistillConfig, rng: jax.Array,
+               sim_params: Any = None) -> tuple[jax.Array, jax.Array]:
+  """The student's x0 prediction at a random one of its steps, per example.
+
+  `sim_params` (default `params`) runs the backward simulation without gradient.
+  Returns (x0 [B, H, W, C] differentiable in `params`, step index [B]).
+  """
+  k_index, k_noise, k_sim = jax.random.split(rng, 3)
+  b = latent_shape[0]
+  index = jax.random.randint(k_index, (b,), 0, len(config.student_sigmas))
+  noise = jax.random.normal(k_noise, latent_shape, jnp.float32)
+  sim = params if sim_params is None else sim_params
+  x = student_inputs(fn, sim, noise, condition, cond, config, index, k_sim)
+  sigma = config.schedule[index]
+  v = _velocity(fn, params, x, sigma, condition, cond)
+  return x - _col(sigma) * v, index
+
+
+def student_euler_sample(fn: PredictFn, params: Any, noise: jax.Array, condition: jax.Array,
+                         cond: dict, config: DistillConfig) -> jax.Array:
+  """The student's deterministic few-step Euler sample (the mobile sampler), differentiable."""
+  return sampling.euler_sample(lambda c, t, k: fn(params, c, t, k), noise, condition,
+                               config.schedule, cond)
+
+
+# ----------------------------------------------------------------------------
+# Losses.
+
+
+def _mean_per_example(x: jax.Array) -> jax.Array:
+  return jnp.mean(x, axis=tuple(range(1, x.ndim)))
+
+
+def dmd_loss(models: DistillModels, teacher_params: Any, fake_params: Any, x0: jax.Array,
+             condition: jax.Array, cond: dict, uncond: dict | None, config: DistillConfig,
+             rng: jax.Array) -> tuple[jax.Array, dict]:
+  """Distribution-matching loss whose gradient in `x0` [B, H, W, C] is
+  `(x0_fake - x0_real) / mean|x0 - x0_real|` at x_t = noise(x0, t)."""
+  k_t, k_e = jax.random.split(rng)
+  b = x0.shape[0]
+  t = jax.random.uniform(k_t, (b,), jnp.float32, config.sigma_min, config.sigma_max)
+  x0_sg = jax.lax.stop_gradient(x0)
+  x_t = flow.add_noise(x0_sg, jax.random.normal(k_e, x0.shape, jnp.float32), t)
+  v_real = guided_teacher_velocity(models.teacher, teacher_params, x_t, t, condition, cond, uncond,
+                                   config.guidance_scale, config.image_guidance_scale)
+  v_fake = _velocity(models.predict_fn, fake_params, x_t, t, condition, cond)
+  pred_real = x_t - _col(t) * v_real
+  pred_fake = x_t - _col(t) * v_fake
+  weight = jnp.mean(jnp.abs(x0_sg - pred_real), axis=tuple(range(1, x0.ndim)), keepdims=True)
+  grad = jnp.nan_to_num((pred_fake - pred_real) / jnp.maximum(weight, 1e-6))
+  grad = jax.lax.stop_gradient(grad)
+  loss = 0.5 * jnp.mean((x0 - (x0_sg - grad))**2)
+  return loss, {"dmd_grad_norm": jnp.sqrt(jnp.mean(grad**2)), "dmd_t_mean": jnp.mean(t)}
+
+
+def _gan_logits(models: DistillModels, fake_params: Any, head: GANHead, x_t: jax.Array,
+                sigma: jax.Array, condition: jax.Array, cond: dict) -> tuple[jax.Array, jax.Array]:
+  """(target-half velocity, logits [B]) of the fake score + GAN head at x_t."""
+  if models.features_fn is None:
+    raise ValueError("distill.gan_weight > 0 needs DistillModels.features_fn")
+  out, features = models.features_fn(fake_params["score"], packing.pack(x_t, condition),
+                                     sigma * flow.NUM_TRAIN_TIMESTEPS, cond)
+  logits = head.apply({"params": fake_params["head"]}, features)
+  return packing.unpack_target(out).astype(jnp.float32), logits
+
+
+def fake_score_loss(models: DistillModels, fake_params: Any, x0_student: jax.Array,
+                    real_latents: jax.Array, condition: jax.Array, cond: dict,
+                    config: DistillConfig, rng: jax.Array) -> tuple[jax.Array, dict]:
+  """Flow matching of the fake score on the student's samples `x0_student` [B, H, W, C]
+  (no gradient to the student), plus the GAN classifier loss when enabled."""
+  k_t, k_e, k_er = jax.random.split(rng, 3)
+  b = x0_student.shape[0]
+  t = jax.random.uniform(k_t, (b,), jnp.float32)
+  noise = jax.random.normal(k_e, x0_student.shape, jnp.float32)
+  x0 = jax.lax.stop_gradient(x0_student)
+  x_t = flow.add_noise(x0, noise, t)
+  target = flow.velocity_target(x0, noise)
+  if not config.uses_gan:
+    v = _velocity(models.predict_fn, fake_params["score"], x_t, t, condition, cond)
+    loss = jnp.mean((v - target)**2)
+    return loss, {"fake_loss": loss}
+  head = GANHead(config.gan_hidden)
+  t_gan = jax.random.uniform(k_t, (b,), jnp.float32, config.sigma_min, config.sigma_max)
+  real_t = flow.add_noise(real_latents, jax.random.normal(k_er, real_latents.shape), t_gan)
+  fake_t = flow.add_noise(x0, noise, t_gan)
+  # One forward over [fm inputs | real | fake]: the fm velocity and both logits.
+  v, logits = _gan_logits(models, fake_params, head, jnp.concatenate([x_t, real_t, fake_t]),
+                          jnp.concatenate([t, t_gan, t_gan]), jnp.concatenate([condition] * 3),
+                          jax.tree.map(lambda c: jnp.concatenate([c] * 3), cond))
+  fm = jnp.mean((v[:b] - target)**2)
+  d_loss = jnp.mean(jax.nn.softplus(-logits[b:2 * b])) + jnp.mean(jax.nn.softplus(logits[2 * b:]))
+  loss = fm + config.gan_disc_weight * d_loss
+  return loss, {"fake_loss": fm, "gan_d_loss": d_loss,
+                "gan_d_real_acc": jnp.mean(logits[b:2 * b] > 0),
+                "gan_d_fake_acc": jnp.mean(logits[2 * b:] < 0)}
+
+
+def student_loss(models: DistillModels, student_params: Any, teacher_params: Any,
+                 fake_params: Any, batch: dict, config: DistillConfig,
+                 rng: jax.Array) -> tuple[jax.Array, dict]:
+  """DMD + optional regression + optional GAN generator loss of the student."""
+  need_uncond = config.guidance_scale != 1.0 or config.image_guidance_scale is not None
+  latents, condition, cond, uncond = batch_inputs(batch, need_uncond)
+  k_x0, k_dmd, k_reg, k_gan = jax.random.split(rng, 4)
+  x0, index = student_x0(models.predict_fn, student_params, latents.shape, condition, cond, config,
+                         k_x0, sim_params=jax.lax.stop_gradient(student_params))
+  fake_params = jax.lax.stop_gradient(fake_params)
+  loss, metrics = dmd_loss(models, teacher_params, fake_params["score"], x0, condition, cond,
+                           uncond, config, k_dmd)
+  metrics["dmd_loss"] = loss
+  metrics["student_index_mean"] = jnp.mean(index.astype(jnp.float32))
+  loss = config.dmd_weight * loss
+  if config.regression_weight > 0:
+    noise = jax.random.normal(k_reg, latents.shape, jnp.float32)
+    sigmas = flow.sampling_sigmas(config.regression_steps,
+                                  flow.ShiftConfig().mu(*latents.shape[1:3]))
+    teacher_v = lambda c, t, k: models.teacher(teacher_params, c, t, k)
+    g_img = config.image_guidance_scale
+    guided = need_uncond
+    target = jax.lax.stop_gradient(sampling.euler_sample(
+        teacher_v, noise, condition, jnp.asarray(sigmas), cond, uncond if guided else None,
+        config.guidance_scale if guided else None, g_img if guided else None))
+    sample = student_euler_sample(models.predict_fn, student_params, noise, condition, cond, config)
+    reg = jnp.mean((sample - target)**2)
+    metrics["regression_loss"] = reg
+    loss = loss + config.regression_weight * reg
+  if config.uses_gan:
+    k_t, k_e = jax.random.split(k_gan)
+    t = jax.random.uniform(k_t, (x0.shape[0],), jnp.float32, config.sigma_min, config.sigma_max)
+    x_t = flow.add_noise(x0, jax.random.normal(k_e, x0.shape), t)
+    _, logits = _gan_logits(models, fake_params, GANHead(config.gan_hidden), x_t, t, condition,
+                            cond)
+    g = jnp.mean(jax.nn.softplus(-logits))
+    metrics["gan_g_loss"] = g
+    loss = loss + config.gan_weight * g
+  metrics["student_loss"] = loss
+  return loss, metrics
+
+
+# ----------------------------------------------------------------------------
+# State and step.
+
+
+def fake_params_from(score_params: Any, config: DistillConfig, feature_dim: int | None,
+                     rng: jax.Array) -> dict:
+  """The fake-score params tree `{'score': ..., ['head': ...]}` (head only with the GAN)."""
+  params = {"score": score_params}
+  if config.uses_gan:
+    if feature_dim is None:
+      raise ValueError("distill.gan_weight > 0 needs the fake score's feature dimension")
+    params["head"] = GANHead(config.gan_hidden).init(rng, jnp.zeros((1, feature_dim)))["params"]
+  return params
+
+
+def create_distill_state(init_params: Callable[[jax.Array], Any], teacher_params: Any,
+                         config: DistillConfig, tx_student: optax.GradientTransformation,
+                         tx_fake: optax.GradientTransformation, mesh: Mesh, seed: int,
+                         feature_dim: int | None = None) -> tuple[DistillState, DistillState]:
+  """A DistillState born sharded, student and fake score both copies of the teacher.
+
+  `init_params(rng)` gives the (boxed) student params for shapes and logical
+  axes; `teacher_params` (same structure, unboxed) are copied in.
+  Returns (state, its NamedSharding tree).
+  """
+  def fake_init(rng):
+    return fake_params_from(init_params(rng), config, feature_dim, jax.random.fold_in(rng, 1))
+
+  _, s_shard = state_lib.state_shardings(init_params, tx_student, mesh)
+  _, f_shard = state_lib.state_shardings(fake_init, tx_fake, mesh)
+  student = state_lib.create_state(init_params, tx_student, mesh, seed)
+  fake = state_lib.create_state(fake_init, tx_fake, mesh, seed + 1)
+  if jax.tree.structure(teacher_params) != jax.tree.structure(student.params):
+    raise ValueError("teacher params do not have the student model's structure")
+
+  def copy_into(value, like):
+    if value.shape != like.shape:
+      raise ValueError(f"teacher param of shape {value.shape} does not fit {like.shape}")
+    # A fresh buffer per leaf: the step donates the state but never the teacher.
+    return jax.device_put(jnp.array(value, dtype=like.dtype, copy=True), like.sharding)
+
+  teacher_copy = lambda like: jax.tree.map(copy_into, teacher_params, like)
+  # The optimiser moments start at zero whatever the params, so they are kept.
+  student = student.replace(params=teacher_copy(student.params),
+                            ema_params=teacher_copy(student.ema_params))
+  fake_params = dict(fake.params, score=teacher_copy(fake.params["score"]))
+  fake = fake.replace(params=fake_params, ema_params=jax.tree.map(jnp.copy, fake_params))
+  state = DistillState(student=student, fake=fake)
+  shardings = DistillState(student=s_shard, fake=f_shard)
+  state = jax.device_put(state, shardings)
+  return state, shardings
+
+
+def _apply_gradients(ts: state_lib.TrainState, loss: jax.Array, grads: Any,
+                     tx: optax.GradientTransformation, ema_decay: float
+                     ) -> tuple[state_lib.TrainState, jax.Array, jax.Array]:
+  """One optimiser update with the NaN/inf guard and EMA of `step.make_train_step`.
+
+  Returns (new state, grad norm, finite flag).
+  """
+  grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, ts.params)
+  grad_norm = optax.tree.norm(grads)
+  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+  safe = jax.tree.map(lambda g: jnp.where(finite, g, jnp.zeros_like(g)), grads)
+  updates, opt_state = tx.update(safe, ts.opt_state, ts.params)
+  params = optax.apply_updates(ts.params, updates)
+  ema = state_lib.update_ema(ts.ema_params, params, ema_decay)
+  keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+  ts = ts.replace(step=ts.step + 1, params=keep(params, ts.params),
+                  opt_state=keep(opt_state, ts.opt_state), ema_params=keep(ema, ts.ema_params),
+                  skipped=ts.skipped + 1 - finite.astype(jnp.int32))
+  return ts, grad_norm, finite
+
+
+def distill_step(models: DistillModels, config: DistillConfig,
+                 tx_student: optax.GradientTransformation, tx_fake: optax.GradientTransformation,
+                 state: DistillState, teacher_params: Any, batch: dict, *,
+                 compute_dtype: jnp.dtype = jnp.float32, ema_decay: float = 0.999
+                 ) -> tuple[DistillState, dict]:
+  """`config.fake_updates` fake-score updates, then one student update (not jitted).
+
+  Keys come from `fold_in(state.student.rng, state.step)`, so a resumed run
+  replays the same noise. Returns (new state, scalar metrics).
+  """
+  key = jax.random.fold_in(state.student.rng, state.step)
+  k_fake, k_student = jax.random.split(key)
+  cast = lambda p: state_lib.cast_params(p, compute_dtype)
+  teacher = cast(teacher_params)
+  need_uncond = config.guidance_scale != 1.0 or config.image_guidance_scale is not None
+  latents, condition, cond, _ = batch_inputs(batch, need_uncond)
+  student_params = jax.lax.stop_gradient(cast(state.student.params))
+
+  def fake_update(fake, i):
+    k_gen, k_loss = jax.random.split(jax.random.fold_in(k_fake, i))
+    x0, _ = student_x0(models.predict_fn, student_params, latents.shape, condition, cond,
+                       config, k_gen)
+
+    def loss_fn(p):
+      return fake_score_loss(models, cast(p), jax.lax.stop_gradient(x0), latents, condition,
+                             cond, config, k_loss)
+
+    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(fake.params)
+    fake, grad_norm, finite = _apply_gradients(fake, loss, grads, tx_fake, ema_decay)
+    return fake, dict(metrics, fake_grad_norm=grad_norm, fake_finite=finite.astype(jnp.float32))
+
+  fake, fake_metrics = jax.lax.scan(fake_update, state.fake, jnp.arange(config.fake_updates))
+
+  def s_loss(p):
+    return student_loss(models, cast(p), teacher, fake.params, batch, config, k_student)
+
+  (loss, metrics), grads = jax.value_and_grad(s_loss, has_aux=True)(state.student.params)
+  student, grad_norm, finite = _apply_gradients(state.student, loss, grads, tx_student, ema_decay)
+  out = {k: jnp.mean(v.astype(jnp.float32)) for k, v in metrics.items()}
+  out.update({k: jnp.mean(v.astype(jnp.float32)) for k, v in fake_metrics.items()})
+  out.update(loss=loss.astype(jnp.float32), grad_norm=grad_norm,
+             finite=finite.astype(jnp.int32), skipped=student.skipped + fake.skipped)
+  return DistillState(student=student, fake=fake), out
+
+
+def make_distill_step(models: DistillModels, config: DistillConfig,
+                      tx_student: optax.GradientTransformation,
+                      tx_fake: optax.GradientTransformation, mesh: Mesh,
+                      state_shardings: DistillState, teacher_shardings: Any, *,
+                      compute_dtype: jnp.dtype = jnp.float32, ema_decay: float = 0.999
+                      ) -> Callable:
+  """The jitted `(state, teacher_params, batch) -> (state, metrics)`.
+
+  State sharded as `state_shardings` (donated), the frozen teacher as
+  `teacher_shardings` (usually the student's param shardings), batch leaves
+  split over ('data', 'fsdp'), metrics replicated.
+  """
+  def step(state, teacher_params, batch):
+    with nn.logical_axis_rules(mesh_lib.LOGICAL_AXIS_RULES):
+      return distill_step(models, config, tx_student, tx_fake, state, teacher_params, batch,
+                          compute_dtype=compute_dtype, ema_decay=ema_decay)
+
+  return jax.jit(step,
+                 in_shardings=(state_shardings, teacher_shardings, mesh_lib.batch_sharding(mesh)),
+                 out_shardings=(state_shardings, mesh_lib.replicated(mesh)),
+                 donate_argnums=(0,))
+
+
+def unet_features_fn(model: nn.Module, feature_module: str = "mid_block") -> FeaturesFn:
+  """`DreamLiteUNet` -> (velocity, features of submodule `feature_module`) in one forward."""
+
+  def features(params, canvas, timestep, cond):
+    out, state = model.apply({"params": params}, canvas, timestep, cond["text"],
+                             cond["text_mask"], cond["time_ids"],
+                             capture_intermediates=lambda m, _: m.name == feature_module,
+                             mutable=["intermediates"])
+    captured = state["intermediates"].get(feature_module)
+    if captured is None:
+      raise ValueError(f"the U-Net has no submodule named {feature_module!r} to take GAN "
+                       f"features from")
+    return out, captured["__call__"][0]
+
+  return features
