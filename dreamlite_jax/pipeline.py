@@ -302,7 +302,7 @@ def load_pipeline(checkpoint_dir: str, *, text_encoder: Any = None, vae_checkpoi
   unet_fields, vae_fields = _section(config, "model.unet"), _section(config, "model.vae")
   if unet_fields is None or vae_fields is None:
     raise KeyError(f"{checkpoint_dir}: the run config has no model.unet / model.vae section")
-  unet_config, vae_config = UNetConfig(**unet_fields), VAEConfig(**vae_fields)
+  unet_config, vae_config = UNetConfig.from_dict(unet_fields), VAEConfig(**vae_fields)
   vae_checkpoint = vae_checkpoint or _section(config, "model.vae_checkpoint")
   if not vae_checkpoint:
     raise ValueError(f"{checkpoint_dir}: no VAE weights: pass vae_checkpoint (--vae-checkpoint) "
@@ -316,7 +316,7 @@ def load_pipeline(checkpoint_dir: str, *, text_encoder: Any = None, vae_checkpoi
     text_encoder = build_text_encoder(spec, int(length))
   unet_params = checkpoints.load_params(checkpoint_dir, step=step, ema=ema)
   vae_params = checkpoints.load_params(vae_checkpoint, ema=ema)
-  size_multiple = flow.VAE_SCALE * 2 ** (len(unet_config.block_out_channels) - 1)
+  size_multiple = flow.VAE_SCALE * unet_config.downsample_factor
   return Pipeline(text_encoder, DreamLiteUNet(unet_config), unet_params,
                   TinyAutoencoder(vae_config), vae_params, size_multiple=size_multiple)
 
