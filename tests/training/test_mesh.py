@@ -5,6 +5,7 @@ from jax.sharding import PartitionSpec as P
 
 import training_fixtures as fx
 from dreamlite_jax.config import ConfigError
+from dreamlite_jax.models.unet import DreamLiteUNet, UNetConfig
 from dreamlite_jax.training import mesh as mesh_lib
 from dreamlite_jax.training import state as state_lib
 from experiments import train_defaults
@@ -65,3 +66,17 @@ def test_replicated_fraction_check_fires():
   assert 0.0 < fraction < 0.5  # the 1-D 'bias' stays replicated
   with pytest.raises(ValueError, match="replicated.*max_replicated_fraction"):
     mesh_lib.assert_params_sufficiently_sharded(abstract.params, shardings.params, mesh, 0.0)
+
+
+def test_dreamlite_unet_axes_all_have_rules_and_shard():
+  """Every logical name the real U-Net uses is in the table; FSDP leaves ~nothing replicated."""
+  model = DreamLiteUNet(UNetConfig.tiny(encoder_hid_dim=fx.TEXT_DIM))
+  init_params, _ = fx.make_model_fns(model)
+  mesh = mesh_lib.make_mesh(train_defaults.mesh_config(data=2, fsdp=4))
+  tx = state_lib.make_optimizer(fx.tiny_config().train)
+  abstract, shardings = state_lib.state_shardings(init_params, tx, mesh)
+  fraction = mesh_lib.assert_params_sufficiently_sharded(abstract.params, shardings.params, mesh, 0.05)
+  assert fraction < 0.05
+  specs = jax.tree.leaves(jax.tree.map(lambda s: s.spec, shardings.params),
+                          is_leaf=lambda x: isinstance(x, P))
+  assert sum("fsdp" in tuple(spec) for spec in specs) > len(specs) // 2

@@ -73,8 +73,9 @@ def tiny_config(**train_overrides) -> ml_collections.ConfigDict:
   return config
 
 
-def make_model_fns(model: TinyDenoiser | None = None):
-  """Returns (init_params(rng) -> boxed params, loss_fn(params, batch, rng))."""
+def make_model_fns(model: nn.Module | None = None):
+  """(init_params(rng) -> boxed params, loss_fn(params, batch, rng)) for `model`
+  (default the stand-in; any module with the DreamLiteUNet call signature)."""
   model = model or TinyDenoiser()
   b = 1
   dummy = (jnp.zeros((b, LATENT, 2 * LATENT, 4)), jnp.zeros((b,)), jnp.zeros((b, TEXT_LEN, TEXT_DIM)),
