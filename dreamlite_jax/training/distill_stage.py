@@ -1,0 +1,300 @@
+"""The `distill` stage of a job: the RL/SFT teacher -> a 4-step CFG-free student.
+
+`run_stage(ctx)` (the `dreamlite_jax.stages` contract) loads the parent stage's
+U-Net as the frozen teacher, builds a fixed pool of shapes-world conditions
+(T2I captions and edit triplets encoded once with the job's text encoder and
+VAE), runs `distill.make_distill_step` with periodic orbax checkpoints of the
+whole `DistillState` (an interrupted stage resumes from them; batches are a
+function of the step, so the data stream resumes too), then writes the student
+as an ordinary train state under `<stage>/student/` (what pipelines, converters
+and child stages load) and scores three samplers on the same evaluation set:
+the teacher at full steps with guidance, the teacher naively at the student's
+step count, and the student without guidance. They go to `<stage>/scores.json`
+and to the results' `distill` entry.
+
+Config section `config.distill` (see `experiments/dreamlite_1024_distill.py`):
+  parent, teacher_ema, objective (DistillConfig fields, timesteps x 1000),
+  fake_lr, train (trainer fields), data (size, pool_size, edit_fraction, seed),
+  eval (size, per_category, per_type, teacher_steps, guidance, image_guidance,
+  use_ema, seed, batch_size).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from data_pipelines import shapes
+from dreamlite_jax.config import ConfigError
+from dreamlite_jax.diffusion import flow
+from dreamlite_jax.eval import shapes_eval
+from dreamlite_jax.training import checkpoints as ckpt
+from dreamlite_jax.training import distill
+from dreamlite_jax.training import mesh as mesh_lib
+from dreamlite_jax.training import metrics as metrics_lib
+from dreamlite_jax.training import pretrain_loss
+from dreamlite_jax.training import state as state_lib
+
+log = logging.getLogger(__name__)
+
+STUDENT_DIR = "student"
+SCORES_FILE = "scores.json"
+
+
+def objective_config(section: ml_collections.ConfigDict) -> distill.DistillConfig:
+  """`config.distill.objective` -> DistillConfig (timesteps are sigma x 1000)."""
+  fields = dict(section.to_dict())
+  timesteps = fields.pop("student_timesteps", None)
+  if not timesteps:
+    raise ConfigError("config.distill.objective.student_timesteps must list the student's "
+                      "timesteps (sigma x 1000), e.g. [1000, 904.53, 759.51, 512.84]")
+  fields["student_sigmas"] = tuple(float(t) / flow.NUM_TRAIN_TIMESTEPS for t in timesteps)
+  known = set(distill.DistillConfig.__dataclass_fields__)
+  unknown = sorted(set(fields) - known)
+  if unknown:
+    raise ConfigError(f"config.distill.objective has unknown fields {unknown}; known: "
+                      f"{sorted(known - {'student_sigmas'}) + ['student_timesteps']}")
+  try:
+    return distill.DistillConfig(**fields)
+  except ValueError as e:
+    raise ConfigError(f"config.distill.objective: {e}") from e
+
+
+def check_deployed_schedule(config: distill.DistillConfig, size: int,
+                            shift: flow.ShiftConfig) -> None:
+  """The student is trained on the schedule the CFG-free pipeline will run at `size`."""
+  if config.student_sampler != "euler":
+    raise ConfigError("config.distill.objective.student_sampler must be 'euler': the mobile "
+                      "pipeline samples distilled checkpoints with plain Euler steps")
+  deployed = flow.schedule_for_size(len(config.student_sigmas), size, size, shift)[:-1]
+  if not np.allclose(deployed, config.student_sigmas, atol=1e-3):
+    raise ConfigError(
+        f"config.distill.objective.student_timesteps = "
+        f"{[round(s * 1000, 2) for s in config.student_sigmas]} differ from the "
+        f"{len(deployed)}-step schedule the pipeline runs at {size}px: "
+        f"{[round(float(s) * 1000, 2) for s in deployed]}")
+
+
+# ----------------------------------------------------------------------------
+# Conditions.
+
+
+def _pixels(images: np.ndarray) -> jnp.ndarray:
+  return jnp.asarray(images, jnp.float32) / 127.5 - 1.0
+
+
+def _pad(x: np.ndarray, length: int) -> np.ndarray:
+  pad = [(0, 0), (0, length - x.shape[1])] + [(0, 0)] * (x.ndim - 2)
+  return np.pad(x, pad)
+
+
+def build_pool(pipe: Any, data: ml_collections.ConfigDict, chunk: int = 32) -> dict[str, np.ndarray]:
+  """Encodes `data.pool_size` shapes conditions once: {name: [P, ...]} numpy arrays.
+
+  Rows are T2I examples then edit examples (`data.edit_fraction` of them);
+  text of both kinds is right-padded (mask 0) to one length.
+  """
+  n_edit = int(round(data.pool_size * data.edit_fraction))
+  n_t2i = data.pool_size - n_edit
+  encode = jax.jit(lambda p, x: pipe.vae.apply({"params": p}, x, method="encode"))
+  vision = getattr(pipe.text_encoder.config, "vision", None) is not None
+  parts: list[dict[str, np.ndarray]] = []
+  t2i = shapes.ShapesT2ISource("train", data.size, num_examples=max(n_t2i, 1), seed=data.seed)
+  for start in range(0, n_t2i, chunk):
+    rows = [t2i[i] for i in range(start, min(start + chunk, n_t2i))]
+    images = np.stack([r["image"] for r in rows])
+    text, mask = pipe.text_encoder.encode_generate([r["caption"] for r in rows])
+    null, null_mask = pipe.text_encoder.encode_generate_unconditional(len(rows))
+    latents = np.asarray(encode(pipe.vae_params, _pixels(images)))
+    parts.append(dict(latents=latents, source_latents=np.zeros_like(latents),
+                      is_edit=np.zeros(len(rows), np.float32), text=np.asarray(text),
+                      text_mask=np.asarray(mask), null_text=np.asarray(null),
+                      null_text_mask=np.asarray(null_mask)))
+  edits = shapes.ShapesEditSource("train", data.size, num_examples=max(n_edit, 1), seed=data.seed)
+  for start in range(0, n_edit, chunk):
+    rows = [edits[i] for i in range(start, min(start + chunk, n_edit))]
+    sources = _pixels(np.stack([r["source"] for r in rows]))
+    images = sources if vision else None
+    text, mask = pipe.text_encoder.encode_edit([r["instruction"] for r in rows], images)
+    null, null_mask = pipe.text_encoder.encode_edit_unconditional(len(rows), images)
+    parts.append(dict(latents=np.asarray(encode(pipe.vae_params,
+                                                _pixels(np.stack([r["target"] for r in rows])))),
+                      source_latents=np.asarray(encode(pipe.vae_params, sources)),
+                      is_edit=np.ones(len(rows), np.float32), text=np.asarray(text),
+                      text_mask=np.asarray(mask), null_text=np.asarray(null),
+                      null_text_mask=np.asarray(null_mask)))
+  if not parts:
+    raise ConfigError("config.distill.data.pool_size must be >= 1")
+  length = max(p["text"].shape[1] for p in parts)
+  for p in parts:
+    for key in ("text", "text_mask", "null_text", "null_text_mask"):
+      p[key] = _pad(p[key], length)
+  return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+
+def pool_batch(pool: dict[str, np.ndarray], step: int, batch_size: int, seed: int) -> dict:
+  """This host's rows of the global batch of `step` (a pure function of (seed, step))."""
+  n = len(pool["latents"])
+  rows = np.random.default_rng([seed, step]).integers(0, n, batch_size)
+  per_host = batch_size // jax.process_count()
+  rows = rows[jax.process_index() * per_host:(jax.process_index() + 1) * per_host]
+  return {k: v[rows] for k, v in pool.items()}
+
+
+# ----------------------------------------------------------------------------
+# Evaluation.
+
+
+def shapes_score(pipe: Any, eval_cfg: ml_collections.ConfigDict, steps: int,
+                 guidance: float | None, image_guidance: float | None,
+                 with_edit: bool) -> dict[str, Any]:
+  """Shapes-world scores of one sampler: {"t2i": {...}, "edit": {...}, "overall": float}.
+
+  "overall" is the mean of the T2I and (when `with_edit`) edit "overall" accuracies.
+  """
+  size, bs = eval_cfg.size, eval_cfg.batch_size
+  prompts = shapes.t2i_eval_prompts("train", eval_cfg.per_category, size)
+  images = []
+  for start in range(0, len(prompts), bs):
+    chunk = prompts[start:start + bs]
+    images.append(pipe.generate([p["caption"] for p in chunk], seed=eval_cfg.seed + start,
+                                steps=steps, guidance=guidance, size=size, output="np"))
+  out: dict[str, Any] = {"t2i": shapes_eval.score_t2i(np.concatenate(images),
+                                                       [p["metadata"] for p in prompts])}
+  overall = [out["t2i"]["overall"]]
+  if with_edit:
+    edits = shapes.edit_eval_set("train", eval_cfg.per_type, size)
+    results = []
+    for start in range(0, len(edits), bs):
+      chunk = edits[start:start + bs]
+      results.append(pipe.edit([e["source"] for e in chunk], [e["instruction"] for e in chunk],
+                               seed=eval_cfg.seed + start, steps=steps, guidance=guidance,
+                               image_guidance=image_guidance if guidance is not None else None,
+                               size=size, output="np"))
+    out["edit"] = shapes_eval.score_edit([e["source"] for e in edits], np.concatenate(results),
+                                         [e["metadata"] for e in edits])
+    overall.append(out["edit"]["overall"])
+  out["overall"] = float(np.mean(overall))
+  return out
+
+
+# ----------------------------------------------------------------------------
+# The stage.
+
+
+def _abstract(tree: Any) -> Any:
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
+
+
+def train_student(ctx: Any, pipe: Any, objective: distill.DistillConfig, teacher: Any,
+                  pool: dict[str, np.ndarray]) -> tuple[distill.DistillState, int, int, dict]:
+  """Runs (or resumes) the distillation loop in `ctx.workdir`.
+
+  Returns (final state, start step, final step, last logged metrics).
+  """
+  section = ctx.section
+  train_cfg = section.train
+  unet = pipe.unet
+  models = distill.DistillModels(
+      predict_fn=pretrain_loss.unet_predict_fn(unet),
+      features_fn=distill.unet_features_fn(unet) if objective.uses_gan else None)
+  example = {k: jnp.asarray(v[:1]) for k, v in pool.items()}
+  canvas = jnp.concatenate([example["latents"]] * 2, axis=2)
+  time_ids = jnp.array([[canvas.shape[2] // 2 * flow.VAE_SCALE, canvas.shape[1] * flow.VAE_SCALE]],
+                       jnp.float32)
+  unet_args = (canvas, jnp.zeros((1,)), example["text"], example["text_mask"], time_ids)
+  init_params = lambda rng: unet.init(rng, *unet_args)["params"]
+  feature_dim = None
+  if objective.uses_gan:
+    cond = {"text": unet_args[2], "text_mask": unet_args[3], "time_ids": time_ids}
+    feature_dim = jax.eval_shape(models.features_fn, teacher, canvas, unet_args[1], cond)[1].shape[-1]
+
+  mesh = mesh_lib.make_mesh(ctx.config.mesh)
+  tx_student = state_lib.make_optimizer(train_cfg)
+  fake_train = ml_collections.ConfigDict(train_cfg.to_dict())
+  fake_train.lr = section.fake_lr
+  fake_train.steps = train_cfg.steps * objective.fake_updates
+  fake_train.warmup_steps = train_cfg.warmup_steps * objective.fake_updates
+  tx_fake = state_lib.make_optimizer(fake_train)
+  state, shardings = distill.create_distill_state(init_params, teacher, objective, tx_student,
+                                                  tx_fake, mesh, ctx.config.seed, feature_dim)
+  teacher = jax.device_put(teacher, shardings.student.params)
+  manager = ckpt.make_manager(ckpt.checkpoint_dir(ctx.workdir), keep=train_cfg.keep_checkpoints,
+                              async_save=train_cfg.async_checkpoints)
+  if manager.latest_step() is not None:
+    state, _ = ckpt.restore(manager, _abstract(state))
+  step_fn = distill.make_distill_step(
+      models, objective, tx_student, tx_fake, mesh, shardings, shardings.student.params,
+      compute_dtype=state_lib.DTYPES[train_cfg.compute_dtype], ema_decay=train_cfg.ema_decay)
+  writer = metrics_lib.MetricsWriter(ctx.workdir, enabled=jax.process_index() == 0)
+  start = step = int(jax.device_get(state.step))
+  metrics: dict[str, float] = {}
+  try:
+    while step < train_cfg.steps:
+      batch = mesh_lib.shard_batch(pool_batch(pool, step, train_cfg.batch_size, section.data.seed),
+                                   mesh)
+      state, out = step_fn(state, teacher, batch)
+      step += 1
+      if step % train_cfg.log_every == 0 or step == train_cfg.steps:
+        metrics = {k: float(np.asarray(v.addressable_data(0))) for k, v in out.items()}
+        writer.write(step, metrics)
+        writer.flush()
+      if step % train_cfg.checkpoint_every == 0 or step == train_cfg.steps:
+        ckpt.save(manager, state, None, ctx.config)
+  finally:
+    manager.wait_until_finished()
+    manager.close()
+    writer.close()
+  return state, start, step, metrics
+
+
+def save_student(workdir: str, student: state_lib.TrainState, config: Any) -> str:
+  """Writes the student as an ordinary train state under `workdir/student`; returns that dir."""
+  directory = os.path.join(workdir, STUDENT_DIR)
+  manager = ckpt.make_manager(ckpt.checkpoint_dir(directory), keep=1, async_save=False)
+  if manager.latest_step() != int(jax.device_get(student.step)):
+    ckpt.save(manager, student, None, config)
+  manager.wait_until_finished()
+  manager.close()
+  return directory
+
+
+def run_stage(ctx: Any) -> dict:
+  """Distils the parent stage's U-Net; returns the DONE.json results (see module docstring)."""
+  section = ctx.section
+  if not ctx.parent_workdir:
+    raise ConfigError(f"config.{ctx.name}.parent must name the teacher stage (rl or sft)")
+  objective = objective_config(section.objective)
+  if section.train.accum_steps != 1:
+    raise ConfigError(f"config.{ctx.name}.train.accum_steps must be 1 for distillation")
+  teacher = ckpt.load_params(ctx.parent_workdir, ema=bool(section.teacher_ema))
+  pipe = ctx.models.pipeline(teacher)
+  check_deployed_schedule(objective, section.data.size, pipe.shift)
+  pool = build_pool(pipe, section.data)
+  state, _, step, metrics = train_student(ctx, pipe, objective, teacher, pool)
+  checkpoint = save_student(ctx.workdir, state.student, ctx.config)
+
+  eval_cfg = section.eval
+  with_edit = section.data.edit_fraction > 0
+  k = len(objective.student_sigmas)
+  student_params = state.student.ema_params if eval_cfg.use_ema else state.student.params
+  scores = {
+      "teacher": shapes_score(pipe, eval_cfg, eval_cfg.teacher_steps, eval_cfg.guidance,
+                              eval_cfg.image_guidance, with_edit),
+      "teacher_naive_4step": shapes_score(pipe, eval_cfg, k, eval_cfg.guidance,
+                                          eval_cfg.image_guidance, with_edit),
+      "student_4step": shapes_score(pipe.with_unet_params(student_params), eval_cfg, k, None,
+                                    None, with_edit),
+  }
+  summary = {name: s["overall"] for name, s in scores.items()}
+  if jax.process_index() == 0:
+    with open(os.path.join(ctx.workdir, SCORES_FILE), "w") as f:
+      json.dump({"summary": summary, "student_steps": k, **scores}, f, indent=2, sort_keys=True)
+  return {"steps": step, "final_loss": metrics.get("loss"), "checkpoint": checkpoint,
+          "distill": summary, "scores": scores["student_4step"]}

@@ -1,0 +1,156 @@
+"""The distill stage runner end to end on stand-in models: teacher checkpoint in,
+student checkpoint + three scores out, resumable, config errors named."""
+from __future__ import annotations
+
+import json
+import os
+import types
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import pytest
+
+from dreamlite_jax import pipeline as pipeline_lib
+from dreamlite_jax import stages
+from dreamlite_jax.config import ConfigError
+from dreamlite_jax.diffusion import flow
+from dreamlite_jax.models.qwen3_vl import Qwen3VLConfig
+from dreamlite_jax.models.text_conditioning import TextEncoder
+from dreamlite_jax.training import checkpoints as ckpt
+from dreamlite_jax.training import distill_stage
+from dreamlite_jax.training import state as state_lib
+from experiments import dreamlite_1024_distill
+from experiments import train_defaults
+
+SIZE = 32
+
+
+class StandInUNet(nn.Module):
+  """The U-Net signature; a named `mid_block` gives the GAN head its features."""
+
+  @nn.compact
+  def __call__(self, sample, timestep, text, text_mask, time_ids):
+    m = text_mask.astype(jnp.float32)[..., None]
+    pooled = (text * m).sum(1) / jnp.maximum(m.sum(1), 1.0)
+    h = nn.Conv(8, (3, 3))(sample)
+    h = h + nn.Dense(8)(pooled)[:, None, None] + nn.Dense(8)(timestep[:, None] / 1000.0)[:, None, None]
+    h = nn.Dense(8, name="mid_block")(nn.silu(h))
+    return nn.Conv(4, (3, 3))(nn.silu(h))
+
+
+class StandInVAE(nn.Module):
+
+  def setup(self):
+    self.enc = nn.Dense(4)
+    self.dec = nn.Dense(3)
+
+  def encode(self, x):
+    b, h, w, _ = x.shape
+    return self.enc(x.reshape(b, h // 8, 8, w // 8, 8, 3).mean((2, 4)))
+
+  def decode(self, z):
+    b, h, w, _ = z.shape
+    return jnp.tanh(jax.image.resize(self.dec(z), (b, h * 8, w * 8, 3), "nearest"))
+
+  def __call__(self, x):
+    return self.decode(self.encode(x))
+
+
+@pytest.fixture(scope="module")
+def parts():
+  text = TextEncoder.random(Qwen3VLConfig.tiny(), seed=0, text_length=16)
+  unet, vae = StandInUNet(), StandInVAE()
+  vae_params = vae.init(jax.random.PRNGKey(2), jnp.zeros((1, SIZE, SIZE, 3)))["params"]
+  return text, unet, vae, vae_params
+
+
+def _teacher_checkpoint(workdir: str, unet, hid: int) -> None:
+  init = lambda rng: unet.init(rng, jnp.zeros((1, 4, 8, 4)), jnp.zeros((1,)),
+                               jnp.zeros((1, 16, hid)), jnp.ones((1, 16)), jnp.zeros((1, 2)))["params"]
+  mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:1]).reshape(1, 1, 1), ("data", "fsdp", "tensor"))
+  state = state_lib.create_state(init, optax.adam(1e-3), mesh, seed=0)
+  manager = ckpt.make_manager(ckpt.checkpoint_dir(workdir), async_save=False)
+  ckpt.save(manager, state, None, None)
+  manager.wait_until_finished()
+  manager.close()
+
+
+def _config(timesteps) -> ml_collections.ConfigDict:
+  section = dreamlite_1024_distill.distill_section()
+  section.objective.update(student_timesteps=timesteps, fake_updates=2, regression_weight=0.5,
+                           regression_steps=3, gan_weight=0.1, gan_hidden=8)
+  section.train = train_defaults.train_config(steps=2, batch_size=8, lr=1e-4, warmup_steps=0,
+                                              log_every=1, checkpoint_every=1,
+                                              async_checkpoints=False, progress_bar=False)
+  section.data.update(size=SIZE, pool_size=6, edit_fraction=0.5)
+  section.eval.update(size=SIZE, per_category=1, per_type=1, teacher_steps=3, batch_size=16)
+  config = ml_collections.ConfigDict()
+  config.seed = 0
+  config.mesh = train_defaults.mesh_config(data=-1, fsdp=1, tensor=1)
+  config.model = ml_collections.ConfigDict()
+  config.distill = section
+  return config
+
+
+def _ctx(config, tmp_path, parts):
+  text, unet, vae, vae_params = parts
+  models = types.SimpleNamespace(pipeline=lambda params: pipeline_lib.Pipeline(
+      text, unet, params, vae, vae_params, size_multiple=8))
+  return stages.StageContext(config=config, name="distill",
+                             workdir=str(tmp_path / "distill"), job_workdir=str(tmp_path),
+                             parent_workdir=str(tmp_path / "rl"), parent_results={},
+                             models=models)
+
+
+def test_stage_writes_student_and_three_scores(tmp_path, parts):
+  _teacher_checkpoint(str(tmp_path / "rl"), parts[1], parts[0].config.text.hidden_size)
+  timesteps = tuple(flow.schedule_for_size(4, SIZE, SIZE)[:-1] * 1000)
+  ctx = _ctx(_config(timesteps), tmp_path, parts)
+  os.makedirs(ctx.workdir)
+  results = distill_stage.run_stage(ctx)
+  assert results["steps"] == 2 and np.isfinite(results["final_loss"])
+  assert set(results["distill"]) == {"teacher", "teacher_naive_4step", "student_4step"}
+  with open(os.path.join(ctx.workdir, "scores.json")) as f:
+    scores = json.load(f)
+  assert scores["summary"] == results["distill"] and scores["student_steps"] == 4
+  assert "edit" in scores["student_4step"] and "t2i" in scores["teacher"]
+  # The student is an ordinary train-state checkpoint, moved away from the teacher.
+  student = ckpt.load_params(results["checkpoint"])
+  teacher = ckpt.load_params(str(tmp_path / "rl"))
+  moved = jax.tree.map(lambda a, b: float(jnp.max(jnp.abs(a - b))), student, teacher)
+  assert max(jax.tree.leaves(moved)) > 0
+  # An interrupted stage resumes from its last checkpoint: asked for 3 steps, it runs 1 more.
+  ctx.config.distill.train.steps = 3
+  pipe = ctx.models.pipeline(teacher)
+  objective = distill_stage.objective_config(ctx.config.distill.objective)
+  pool = distill_stage.build_pool(pipe, ctx.config.distill.data)
+  state, start, end, _ = distill_stage.train_student(ctx, pipe, objective, teacher, pool)
+  assert (start, end, int(state.step), int(state.fake.step)) == (2, 3, 3, 3 * 2)
+
+
+def test_schedule_must_match_the_deployed_sampler(tmp_path, parts):
+  config = _config(dreamlite_1024_distill.MOBILE_TIMESTEPS)  # the 1024px schedule at 32px
+  objective = distill_stage.objective_config(config.distill.objective)
+  with pytest.raises(ConfigError, match="student_timesteps"):
+    distill_stage.check_deployed_schedule(objective, SIZE, flow.ShiftConfig())
+  # At 1024px the mobile timesteps are exactly the pipeline's 4-step schedule.
+  distill_stage.check_deployed_schedule(objective, 1024, flow.ShiftConfig())
+
+
+def test_objective_config_errors_name_the_field():
+  section = dreamlite_1024_distill.distill_section().objective
+  section.fake_updates = 0
+  with pytest.raises(ConfigError, match="fake_updates"):
+    distill_stage.objective_config(section)
+  section = dreamlite_1024_distill.distill_section().objective
+  section.student_timesteps = (1000.0, 1000.0)
+  with pytest.raises(ConfigError, match="student_sigmas"):
+    distill_stage.objective_config(section)
+  section = dreamlite_1024_distill.distill_section().objective
+  section.bogus = 1
+  with pytest.raises(ConfigError, match="bogus"):
+    distill_stage.objective_config(section)
