@@ -6,7 +6,7 @@ runs the gates; `tflite_pipeline.py` calls the converted files by these names.
 
 Signatures (batch 1, NHWC, all float32 so the GPU delegate takes every input):
   unet          sample [1, h, 2w, 4], timestep [1] (sigma*1000), text [1, L, D],
-                text_mask [1, L], time_ids [1, 2] (width, height px)
+                text_mask [1, L] (+ time_ids [1, 2] only with `time_ids_input`)
                 -> velocity [1, h, w, 4]  (target half only: the app never needs
                    the condition half, and slicing here halves the readback)
   vae_decoder   latents [1, h, w, 4] -> image [1, H, W, 3] in [-1, 1]
@@ -56,20 +56,36 @@ def _latent_size(height: int, width: int) -> tuple[int, int]:
 
 
 def unet_step(model: nn.Module, params: Any, *, height: int, width: int, text_len: int,
-              text_dim: int) -> Component:
-  """One denoising step of `DreamLiteUNet` for `height x width` pixel outputs."""
-  h, w = _latent_size(height, width)
+              text_dim: int, time_ids_input: bool = False) -> Component:
+  """One denoising step of `DreamLiteUNet` for `height x width` pixel outputs.
 
-  def fn(p, sample, timestep, text, text_mask, time_ids):
-    velocity = model.apply({'params': p}, sample, timestep, text, text_mask, time_ids)
-    return {'velocity': velocity[:, :, :w, :]}
+  `time_ids` (width, height) is baked in as a constant by default: a static-shape
+  model serves exactly one size, so the input carries no information, and folding
+  it removes the size embedding's outer product (`timestep_embedding` on the
+  flattened `[2]` ids is a `[2, 1] x [1, d]` MUL, which the GPU delegate rejects).
+  `time_ids_input=True` keeps it as the `[1, 2]` input instead.
+  """
+  h, w = _latent_size(height, width)
+  size_ids = np.array([[width, height]], np.float32)
+
+  def velocity(p, sample, timestep, text, text_mask, time_ids):
+    out = model.apply({'params': p}, sample, timestep, text, text_mask, time_ids)
+    return {'velocity': out[:, :, :w, :]}
+
+  if time_ids_input:
+    fn = velocity
+  else:
+    def fn(p, sample, timestep, text, text_mask):
+      return velocity(p, sample, timestep, text, text_mask, jnp.asarray(size_ids))
 
   inputs = [TensorSpec('sample', (1, h, 2 * w, LATENT_CHANNELS)), TensorSpec('timestep', (1,)),
-            TensorSpec('text', (1, text_len, text_dim)), TensorSpec('text_mask', (1, text_len)),
-            TensorSpec('time_ids', (1, 2))]
+            TensorSpec('text', (1, text_len, text_dim)), TensorSpec('text_mask', (1, text_len))]
+  if time_ids_input:
+    inputs.append(TensorSpec('time_ids', (1, 2)))
   info = {'packing': 'sample = [noisy target | condition] along width; condition is zeros '
                      'for text-to-image, the source latents for editing',
-          'output': 'velocity of the target (left) half'}
+          'output': 'velocity of the target (left) half',
+          'time_ids': [width, height], 'time_ids_input': time_ids_input}
   return Component('unet', fn, _unbox(params), inputs, info)
 
 

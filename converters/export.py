@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import sys
 import time
 from pathlib import Path
@@ -71,8 +72,7 @@ def export_component(component: Component, gate_inputs: list[dict[str, np.ndarra
     lines = '\n  '.join(str(f) for f in findings[:40])
     raise ExportGateError(f'{component.name}: {len(findings)} GPU delegate finding(s):\n  {lines}')
   model = litert.load_model(content, label=f'{component.name}.tflite')
-  jitted = jax.jit(component.fn)
-  reference = lambda **kw: {k: np.asarray(v) for k, v in jitted(component.params, **kw).items()}
+  reference = functools.partial(_call, component)
   try:
     results = numerics.numerics_gate(model, reference, gate_inputs, precision)
   except numerics.NumericsGateError as e:
@@ -101,8 +101,14 @@ def export_component(component: Component, gate_inputs: list[dict[str, np.ndarra
   }
 
 
+@functools.lru_cache(maxsize=None)
+def _jitted(fn: Callable) -> Callable:
+  return jax.jit(fn)
+
+
 def _call(component: Component, **inputs) -> dict[str, np.ndarray]:
-  return {k: np.asarray(v) for k, v in jax.jit(component.fn)(component.params, **inputs).items()}
+  """The JAX reference outputs of a component (compiled once per component function)."""
+  return {k: np.asarray(v) for k, v in _jitted(component.fn)(component.params, **inputs).items()}
 
 
 def synthetic_image(height: int, width: int, seed: int = 0) -> np.ndarray:
@@ -135,8 +141,11 @@ def text_features(models: DeployModels, tokenizer, prompt: str, seq_len: int,
 
 def export_all(models: DeployModels, out_dir: str | Path, precision: str = 'fp32',
                size: tuple[int, int] = (1024, 1024), tokenizer=None, seed: int = 0,
-               log: Callable[[str], None] = print) -> dict:
-  """Exports, gates and writes all models plus `manifest.json`; returns the manifest."""
+               time_ids_input: bool = False, log: Callable[[str], None] = print) -> dict:
+  """Exports, gates and writes all models plus `manifest.json`; returns the manifest.
+
+  `time_ids_input` keeps the U-Net's size ids as an input (see `components.unet_step`).
+  """
   if precision not in PRECISIONS:
     raise ValueError(f'--precision must be one of {PRECISIONS}, got {precision!r}')
   if tokenizer is None:
@@ -183,7 +192,8 @@ def export_all(models: DeployModels, out_dir: str | Path, precision: str = 'fp32
   # U-Net step: T2I at the first student timestep, edit at the last, and random inputs.
   text_dim = text.shape[-1]
   unet = components.unet_step(models.unet, models.unet_params, height=height, width=width,
-                              text_len=models.text_len, text_dim=text_dim)
+                              text_len=models.text_len, text_dim=text_dim,
+                              time_ids_input=time_ids_input)
   noise = rng.standard_normal((1, h, w, 4)).astype(np.float32)
   time_ids = np.array([[width, height]], np.float32)
   t2i = np.concatenate([noise, np.zeros_like(noise)], axis=2)
@@ -192,12 +202,13 @@ def export_all(models: DeployModels, out_dir: str | Path, precision: str = 'fp32
   random_text_mask = np.zeros((1, models.text_len), np.float32)
   random_text_mask[:, :rng.integers(1, models.text_len + 1)] = 1
   unet_sets = [
-      dict(sample=t2i, timestep=timesteps[:1], text=text, text_mask=text_mask, time_ids=time_ids),
-      dict(sample=edit, timestep=timesteps[-1:], text=text, text_mask=text_mask, time_ids=time_ids),
+      dict(sample=t2i, timestep=timesteps[:1], text=text, text_mask=text_mask),
+      dict(sample=edit, timestep=timesteps[-1:], text=text, text_mask=text_mask),
       dict(sample=rng.standard_normal(t2i.shape).astype(np.float32),
            timestep=rng.uniform(0, 1000, (1,)).astype(np.float32),
-           text=rng.standard_normal(text.shape).astype(np.float32), text_mask=random_text_mask,
-           time_ids=time_ids)]
+           text=rng.standard_normal(text.shape).astype(np.float32), text_mask=random_text_mask)]
+  if time_ids_input:
+    unet_sets = [{**s, 'time_ids': time_ids} for s in unet_sets]
   entries['unet'] = export_component(unet, unet_sets, precision, out_dir, log)
 
   manifest = build_manifest(models, entries, [p.name for p in parts], table_path, precision,
@@ -247,7 +258,8 @@ def build_manifest(models: DeployModels, entries: dict, text_parts: list[str], t
           'embedding_lookup': 'in the app: embeds = table[ids]. The GATHER on a vocabulary-'
                               'sized table is kept out of the GPU graph.',
       },
-      'unet': {'time_ids': [width, height], 'timestep': 'sigma * 1000'},
+      'unet': {'time_ids': [width, height], 'timestep': 'sigma * 1000',
+               'time_ids_input': 'time_ids' in [i['name'] for i in entries['unet']['inputs']]},
       'models': entries,
   }
 
@@ -274,6 +286,8 @@ def main(argv: list[str] | None = None) -> dict:
   parser.add_argument('--out', required=True, help='output directory')
   parser.add_argument('--precision', choices=PRECISIONS, default='fp32')
   parser.add_argument('--size', type=int, nargs='+', default=[1024], help='H [W] in pixels')
+  parser.add_argument('--time-ids-input', action='store_true',
+                      help='keep time_ids as a U-Net input instead of baking in the size')
   args = parser.parse_args(argv)
   from dreamlite_jax.pipeline import load_pipeline
   text_encoder, vae_checkpoint = args.text_encoder, args.vae_checkpoint
@@ -288,7 +302,7 @@ def main(argv: list[str] | None = None) -> dict:
   if size[0] % pipe.size_multiple or size[1] % pipe.size_multiple:
     parser.error(f'--size {size} must be multiples of {pipe.size_multiple}')
   manifest = export_all(DeployModels.from_pipeline(pipe), args.out, args.precision, size,
-                        tokenizer=pipe.text_encoder.tokenizer)
+                        tokenizer=pipe.text_encoder.tokenizer, time_ids_input=args.time_ids_input)
   for name, entry in manifest['models'].items():
     print(f"{name}: {entry['bytes'] / 2 ** 20:.1f} MiB, gpu_check findings 0, "
           f"max_rel_err {entry['numerics']['max_rel_err']:.2e}")

@@ -1,11 +1,13 @@
 """JAX function + params -> `.tflite` bytes with a fixed, named signature.
 
 Path: `jax2tf.convert` (native StableHLO serialization, the only mode jax 0.10
-has) -> `tf.function` with a fixed `input_signature` over `tf.Variable` params
--> SavedModel in a temp dir -> `TFLiteConverter.from_saved_model`, whose
-StableHLO legalization emits TFLite builtin ops (no Flex, no XLA custom ops).
-Params travel as variables, not closure constants, so a 0.39B-parameter model
-never has to fit into a single 2 GB GraphDef protobuf.
+has) -> `tf.function` with a fixed `input_signature`
+-> `TFLiteConverter`, whose StableHLO legalization emits TFLite builtin ops (no
+Flex, no XLA custom ops). Models with over 1 GiB of fp32 weights carry them as
+variables through a SavedModel in a temp dir (`from_saved_model`), so a
+0.39B-parameter model never has to fit into a single 2 GB GraphDef protobuf;
+smaller ones bake the weights in as constants and convert the concrete function
+directly, which traces JAX once instead of several times.
 
 A flatbuffer cannot exceed 2 GB; `convert_jax_function` refuses before spending
 minutes converting when the weights alone would not fit, and checks the result.
@@ -28,6 +30,7 @@ from jax.experimental import jax2tf  # noqa: E402
 PRECISIONS = ('fp32', 'fp16')
 FLATBUFFER_LIMIT = 2 ** 31  # bytes; flatbuffers use 32-bit signed offsets
 _HEADROOM = 64 * 2 ** 20  # graph structure, signatures, alignment padding
+_GRAPHDEF_SAFE_BYTES = 2 ** 30  # fp32 weights above this go through a SavedModel
 
 
 class FlatbufferTooLargeError(ValueError):
@@ -78,30 +81,51 @@ def convert_jax_function(fn: Callable[..., Mapping[str, Any]], params: Any,
   names = [s.name for s in input_specs]
   if len(set(names)) != len(names):
     raise ValueError(f'{label}: duplicate input names {names}')
-  converted = jax2tf.convert(fn, with_gradient=False)
-  module = tf.Module()
-  module.params = tf.nest.map_structure(
-      lambda x: tf.Variable(np.asarray(x), trainable=False), params)
   signature = [tf.TensorSpec(s.shape, getattr(tf, s.dtype), name=s.name) for s in input_specs]
+  module = tf.Module()
+  if param_bytes(params, 'fp32') < _GRAPHDEF_SAFE_BYTES:
+    # Small models: weights become constants of the serialized module and the concrete
+    # function converts directly (one jax trace instead of several through a SavedModel).
+    host_params = jax.tree.map(np.asarray, params)
+    converted = jax2tf.convert(lambda *args: fn(host_params, **dict(zip(names, args))),
+                               with_gradient=False)
 
-  @tf.function(autograph=False, input_signature=signature)
-  def serve(*args):
-    return converted(module.params, **dict(zip(names, args)))
+    @tf.function(autograph=False, input_signature=signature)
+    def serve(*args):
+      return converted(*args)
 
-  module.serve = serve
-  with tempfile.TemporaryDirectory(prefix='dreamlite_export_') as tmp:
-    tf.saved_model.save(module, tmp, signatures={'serving_default': serve.get_concrete_function()})
-    del module  # the SavedModel owns the weights now; free the TF copy early
-    converter = tf.lite.TFLiteConverter.from_saved_model(tmp)
-    converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
-    if precision == 'fp16':
-      converter.optimizations = [tf.lite.Optimize.DEFAULT]
-      converter.target_spec.supported_types = [tf.float16]
-    content = converter.convert()
+    module.serve = serve
+    content = _convert(tf.lite.TFLiteConverter.from_concrete_functions(
+        [serve.get_concrete_function()], module), precision)
+  else:
+    # Large models: as constants every weight would sit in one GraphDef protobuf (2 GB
+    # cap); as variables in a SavedModel the importer reads them from the checkpoint.
+    converted = jax2tf.convert(fn, with_gradient=False)
+    module.params = tf.nest.map_structure(
+        lambda x: tf.Variable(np.asarray(x), trainable=False), params)
+
+    @tf.function(autograph=False, input_signature=signature)
+    def serve(*args):
+      return converted(module.params, **dict(zip(names, args)))
+
+    module.serve = serve
+    with tempfile.TemporaryDirectory(prefix='dreamlite_export_') as tmp:
+      tf.saved_model.save(module, tmp,
+                          signatures={'serving_default': serve.get_concrete_function()})
+      del module, serve
+      content = _convert(tf.lite.TFLiteConverter.from_saved_model(tmp), precision)
   if len(content) >= FLATBUFFER_LIMIT:
     raise FlatbufferTooLargeError(f'{label}: converted flatbuffer is {len(content)} bytes, '
                                   'over the 2 GiB limit')
   return content
+
+
+def _convert(converter, precision: str) -> bytes:
+  converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]  # no Flex fallback
+  if precision == 'fp16':
+    converter.optimizations = [tf.lite.Optimize.DEFAULT]
+    converter.target_spec.supported_types = [tf.float16]
+  return converter.convert()
 
 
 def output_specs(fn: Callable[..., Mapping[str, Any]], params: Any,

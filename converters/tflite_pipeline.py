@@ -86,12 +86,14 @@ class TFLitePipeline:
     sched = self.manifest['scheduler']
     sigmas, timesteps = sched['sigmas'], sched['timesteps']
     unet = self.models['unet']
-    time_ids = np.array([self.manifest['unet']['time_ids']], np.float32)
+    extra = {}
+    if self.manifest['unet']['time_ids_input']:
+      extra['time_ids'] = np.array([self.manifest['unet']['time_ids']], np.float32)
     x = noise.astype(np.float32)
     for i, t in enumerate(timesteps):
       sample = np.concatenate([x, condition], axis=2)
       v = unet(sample=sample, timestep=np.array([t], np.float32), text=text,
-               text_mask=text_mask, time_ids=time_ids)['velocity']
+               text_mask=text_mask, **extra)['velocity']
       x = x + np.float32(sigmas[i + 1] - sigmas[i]) * v
     return x
 

@@ -1,6 +1,7 @@
 """Tiny U-Net / VAE / text encoder export: GPU-clean files, gated numerics, a usable manifest."""
 import json
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -27,8 +28,8 @@ def test_export_writes_gpu_clean_models_and_manifest(which, request):
     assert entry['numerics']['max_rel_err'] <= numerics.THRESHOLDS[precision]
   unet = manifest['models']['unet']
   h, w = IMAGE[0] // 8, IMAGE[1] // 8
-  assert [i['name'] for i in unet['inputs']] == ['sample', 'timestep', 'text', 'text_mask',
-                                                  'time_ids']
+  assert [i['name'] for i in unet['inputs']] == ['sample', 'timestep', 'text', 'text_mask']
+  assert unet['time_ids'] == [IMAGE[1], IMAGE[0]] and not manifest['unet']['time_ids_input']
   assert unet['inputs'][0]['shape'] == [1, h, 2 * w, 4]
   assert unet['outputs'] == [{'name': 'velocity', 'shape': [1, h, w, 4], 'dtype': 'float32'}]
   assert manifest['models']['vae_decoder']['outputs'][0]['shape'] == [1, *IMAGE, 3]
@@ -72,7 +73,7 @@ def test_text_encoder_split_matches_single_model(tiny_models, tmp_path):
 
 
 def test_too_large_model_fails_clearly():
-  huge = {'w': jnp.zeros((2 ** 29 + 2 ** 26,), jnp.float32)}  # 2.25 GiB at fp32, 1.1 at fp16
+  huge = {'w': jax.ShapeDtypeStruct((2 ** 29 + 2 ** 26,), jnp.float32)}  # 2.25 GiB fp32, 1.1 fp16
   with pytest.raises(jax_to_tflite.FlatbufferTooLargeError, match='2 GiB flatbuffer limit'):
     jax_to_tflite.check_fits(huge, 'fp32', 'huge')
   assert jax_to_tflite.check_fits(huge, 'fp16', 'huge') < 2 ** 31
@@ -89,10 +90,28 @@ def test_export_fails_when_a_gate_fails(tmp_path):
 
   model = FlaxGroupNorm()
   x = jnp.ones((1, 4, 4, 8))
-  params = model.init(__import__('jax').random.PRNGKey(0), x)['params']
+  params = model.init(jax.random.PRNGKey(0), x)['params']
   comp = Component('flax_group_norm', lambda p, x: {'y': model.apply({'params': p}, x)}, params,
                    [jax_to_tflite.TensorSpec('x', (1, 4, 4, 8))])
   with pytest.raises(export.ExportGateError, match=r'rank-5'):
     export.export_component(comp, [{'x': np.ones((1, 4, 4, 8), np.float32)}], 'fp32', tmp_path,
                             log=lambda s: None)
   assert not (tmp_path / 'flax_group_norm.tflite').exists()
+
+
+def test_unet_time_ids_input_variant_matches_baked(tiny_models):
+  """With `time_ids_input` the size ids are an input; fed [W, H] it equals the baked model."""
+  from converters import components
+  kw = dict(height=IMAGE[0], width=IMAGE[1], text_len=TEXT_LEN, text_dim=64)
+  baked = components.unet_step(tiny_models.unet, tiny_models.unet_params, **kw)
+  fed = components.unet_step(tiny_models.unet, tiny_models.unet_params, time_ids_input=True, **kw)
+  assert [s.name for s in fed.inputs] == [s.name for s in baked.inputs] + ['time_ids']
+  rng = np.random.default_rng(0)
+  inputs = {s.name: rng.standard_normal(s.shape).astype(np.float32) for s in baked.inputs}
+  inputs['timestep'] = np.array([500.0], np.float32)
+  want = jax.jit(baked.fn)(baked.params, **inputs)['velocity']
+  fed_fn = jax.jit(fed.fn)
+  got = fed_fn(fed.params, **inputs, time_ids=np.array([[IMAGE[1], IMAGE[0]]], np.float32))
+  np.testing.assert_allclose(got['velocity'], want, rtol=1e-5, atol=1e-5)
+  other = fed_fn(fed.params, **inputs, time_ids=np.array([[512.0, 512.0]], np.float32))
+  assert not np.allclose(other['velocity'], want, atol=1e-4)

@@ -20,7 +20,7 @@ PROMPT = 'a red circle above a blue square'
 def pipelines(tiny_models, export_fp32):
   m = tiny_models
   text = TextEncoder(Qwen3VLConfig.tiny(), m.text_params, text_length=TEXT_LEN)
-  jax_pipe = Pipeline(text, m.unet, m.unet_params, m.vae, m.vae_params, size_multiple=8)
+  jax_pipe = Pipeline(text, m.unet, m.unet_params, m.vae, m.vae_params, size_multiple=32)
   return jax_pipe, TFLitePipeline(export_fp32[0])
 
 
