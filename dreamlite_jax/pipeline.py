@@ -192,7 +192,9 @@ class Pipeline:
       guidance: text guidance `g`; None = no guidance at all (distilled
         checkpoints; `image_guidance` is then unused).
       image_guidance: image guidance `g_img` of the dual guidance
-        `u + g (v_text - v_img) + g_img (v_img - u)`; None = text CFG only.
+        `u + g (v_text - v_img) + g_img (v_img - u)` (3 network branches per
+        step); None or 1.0 = text CFG with the source in both branches (2
+        branches; for g_img = 1 this is the same formula).
       size: output (height, width); default: the first source's size rounded
         down to `size_multiple`. Sources are resized to it (Lanczos).
       Others as in `generate`.
@@ -220,9 +222,12 @@ class Pipeline:
     uncond = None
     if guidance is not None:
       uncond = self._cond(*self.text_encoder.encode_edit_unconditional(b, vision_images), size)
+    if guidance is None or image_guidance == 1.0:
+      # g_img = 1: u + g (v_text - v_img) + (v_img - u) = v_img + g (v_text - v_img), i.e.
+      # text CFG whose negative branch keeps the source: two network branches, not three.
+      image_guidance = None
     noise = self._noise(seed, b, size)
-    latents = self.denoise(noise, source, cond, uncond, steps, guidance,
-                           image_guidance if guidance is not None else None)
+    latents = self.denoise(noise, source, cond, uncond, steps, guidance, image_guidance)
     return self._finish(latents, output)
 
 

@@ -51,54 +51,63 @@ def _pipeline():
   text = TextEncoder.random(Qwen3VLConfig.tiny(), seed=0, text_length=16)
   unet, vae = StandInUNet(), StandInVAE()
   hid = text.config.text.hidden_size
-  unet_params = unet.init(jax.random.PRNGKey(1), jnp.zeros((1, 4, 8, 4)), jnp.zeros((1,)),
-                          jnp.zeros((1, 16, hid)), jnp.ones((1, 16)), jnp.zeros((1, 2)))["params"]
-  vae_params = vae.init(jax.random.PRNGKey(2), jnp.zeros((1, SIZE, SIZE, 3)))["params"]
+  # Jitted init: eager flax init compiles every op on its own (seconds each on a busy CPU).
+  unet_params = jax.jit(unet.init)(jax.random.PRNGKey(1), jnp.zeros((1, 4, 8, 4)), jnp.zeros((1,)),
+                                   jnp.zeros((1, 16, hid)), jnp.ones((1, 16)),
+                                   jnp.zeros((1, 2)))["params"]
+  vae_params = jax.jit(vae.init)(jax.random.PRNGKey(2), jnp.zeros((1, SIZE, SIZE, 3)))["params"]
   return pipeline_lib.Pipeline(text, unet, unet_params, vae, vae_params, size_multiple=8)
+
+
+# All calls use 2 steps at 32x32 so that they share four compiled samplers:
+# batch 2 with CFG, batch 1 with CFG, batch 1 without CFG, batch 1 with dual guidance.
+KW = dict(steps=2, size=SIZE)
 
 
 def test_generate_is_deterministic_and_seed_dependent():
   pipe = _pipeline()
-  kw = dict(steps=3, guidance=3.5, size=SIZE)
-  a = pipe.generate(["a red circle", "two blue squares"], seed=0, output="np", **kw)
+  prompts = ["a red circle", "two blue squares"]
+  a = pipe.generate(prompts, seed=0, output="np", **KW)
   assert a.shape == (2, SIZE, SIZE, 3) and a.dtype == np.uint8
-  np.testing.assert_array_equal(a, pipe.generate(["a red circle", "two blue squares"], seed=0,
-                                                 output="np", **kw))
-  b = pipe.generate(["a red circle", "two blue squares"], seed=1, output="np", **kw)
+  np.testing.assert_array_equal(a, pipe.generate(prompts, seed=0, output="np", **KW))
+  b = pipe.generate(prompts, seed=1, output="np", **KW)
   assert np.abs(a.astype(int) - b).mean() > 1.0
   # Image i depends on (seed, i) and its own prompt, not on the rest of the batch.
-  lat = pipe.generate(["a red circle", "two blue squares"], seed=0, output="latent", **kw)
-  alone = pipe.generate("a red circle", seed=0, output="latent", **kw)
+  lat = pipe.generate(prompts, seed=0, output="latent", **KW)
+  alone = pipe.generate(prompts[0], seed=0, output="latent", **KW)
   np.testing.assert_allclose(lat[:1], alone, atol=1e-5)
-  other = pipe.generate("a green star", seed=0, output="latent", **kw)
+  other = pipe.generate("a green star", seed=0, output="latent", **KW)
   assert np.abs(other - alone).max() > 1e-3
   # No guidance (distilled checkpoints) is a different, still deterministic, sampler.
-  free = pipe.generate("a red circle", seed=0, output="latent", steps=3, guidance=None, size=SIZE)
+  free = pipe.generate(prompts[0], seed=0, output="latent", guidance=None, **KW)
   assert np.abs(free - alone).max() > 1e-4
-  pil = pipe.generate("a red circle", seed=0, steps=3, size=(SIZE, SIZE))
+  pil = pipe.generate(prompts[0], seed=0, **KW)
   assert isinstance(pil[0], Image.Image) and pil[0].size == (SIZE, SIZE)
+  with pytest.raises(ValueError, match="multiples of 8"):
+    pipe.generate("x", size=30)
 
 
 def test_edit_is_deterministic_and_uses_the_source():
   pipe = _pipeline()
   rng = np.random.default_rng(0)
-  src = rng.integers(0, 256, (40, 44, 3), dtype=np.uint8)
-  kw = dict(steps=3, output="latent")
+  src = rng.integers(0, 256, (SIZE + 4, SIZE + 7, 3), dtype=np.uint8)
+  kw = dict(steps=2, output="latent")
   a = pipe.edit(src, "make it blue", seed=0, **kw)
-  assert a.shape == (1, 5, 5, 4)  # 40x44 rounded down to multiples of 8
+  assert a.shape == (1, 4, 4, 4)  # 36x39 rounded down to multiples of 8 = 32x32
   np.testing.assert_array_equal(a, pipe.edit(Image.fromarray(src), "make it blue", seed=0, **kw))
   assert np.abs(pipe.edit(src, "make it blue", seed=1, **kw) - a).max() > 1e-3
-  other = rng.integers(0, 256, (40, 44, 3), dtype=np.uint8)
+  other = rng.integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8)
   assert np.abs(pipe.edit(other, "make it blue", seed=0, **kw) - a).max() > 1e-4
-  dual = pipe.edit(src, "make it blue", seed=0, image_guidance=2.0, **kw)
+  # g_img = 1 (the default) is exactly text CFG with the source kept in the negative branch.
+  text_only = pipe.edit(src, "make it blue", seed=0, image_guidance=None, **kw)
+  np.testing.assert_array_equal(text_only, a)
+  dual = pipe.edit(src, "make it blue", seed=0, image_guidance=1.5, **kw)
   assert np.abs(dual - a).max() > 1e-4
-  images = pipe.edit([src, other], ["make it blue", "remove it"], seed=0, steps=2, size=SIZE,
-                     output="np")
+  images = pipe.edit([src, other], ["make it blue", "remove it"], seed=0, image_guidance=None,
+                     steps=2, size=SIZE, output="np")
   assert images.shape == (2, SIZE, SIZE, 3) and images.dtype == np.uint8
   with pytest.raises(ValueError, match="one image per instruction"):
     pipe.edit([src, other], "make it blue")
-  with pytest.raises(ValueError, match="multiples of 8"):
-    pipe.generate("x", size=30)
 
 
 def test_cli_generate_and_edit(tmp_path):
@@ -115,8 +124,7 @@ def test_cli_generate_and_edit(tmp_path):
   assert paths == [str(tmp_path / "a_0.png"), str(tmp_path / "a_1.png")]
   first = np.asarray(Image.open(paths[0]))
   assert first.shape == (SIZE, SIZE, 3)
-  expected = _pipeline().generate(["a red circle", "a blue square"], seed=0, steps=2, size=SIZE,
-                                  output="np")
+  expected = _pipeline().generate(["a red circle", "a blue square"], seed=0, output="np", **KW)
   np.testing.assert_array_equal(first, expected[0])
   assert calls[0] == ("run", dict(text_encoder="tiny:0", vae_checkpoint=None, step=-1, ema=True))
 
@@ -126,8 +134,7 @@ def test_cli_generate_and_edit(tmp_path):
                              "--steps", "2", "--guidance", "0", "--no-ema"], loader=loader)
   edited = np.asarray(Image.open(paths[0]))
   np.testing.assert_array_equal(
-      edited, _pipeline().edit(expected[1], "make it green", steps=2, guidance=None,
-                               output="np")[0])
+      edited, _pipeline().edit(expected[1], "make it green", steps=2, guidance=None, output="np")[0])
   assert calls[1][1]["ema"] is False
   with pytest.raises(FileNotFoundError, match="--image"):
     pipeline_lib.main(["edit", "--checkpoint", "run", "--image", str(tmp_path / "none.png"),

@@ -22,7 +22,7 @@ from dreamlite_jax.models.unet import DreamLiteUNet
 from tests.diffusion import dreamlite_reference as ref
 
 HEIGHT = WIDTH = 64
-TOLERANCE = {"torch": 2e-5, "flax": 1e-4}  # max abs error relative to max(1, |latents|)
+TOLERANCE = {"torch": 2e-5, "flax": 2e-5}  # max abs error relative to max(1, |latents|); measured <= 2e-6
 
 
 @functools.lru_cache(maxsize=1)
