@@ -7,8 +7,10 @@ import pytest
 
 from converters import export
 from dreamlite_jax.models.qwen3_vl import Qwen3VLConfig, Qwen3VLEncoder
+from dreamlite_jax.models.text_conditioning import TextEncoder
 from dreamlite_jax.models.unet import DreamLiteUNet, UNetConfig
 from dreamlite_jax.models.vae import TinyAutoencoder, VAEConfig
+from dreamlite_jax.pipeline import Pipeline
 
 IMAGE = (32, 64)  # pixels (H, W): latent 4x8, packed canvas 4x16
 
@@ -58,9 +60,22 @@ def tiny_models() -> export.DeployModels:
 
 
 @pytest.fixture(scope='session')
-def export_fp32(tiny_models, tmp_path_factory):
+def jax_pipeline(tiny_models) -> Pipeline:
+  """`dreamlite_jax.pipeline.Pipeline` over the same tiny models."""
+  m = tiny_models
+  text = TextEncoder(Qwen3VLConfig.tiny(), m.text_params, text_length=TEXT_LEN)
+  return Pipeline(text, m.unet, m.unet_params, m.vae, m.vae_params, size_multiple=16)
+
+
+@pytest.fixture(scope='session')
+def export_fp32(jax_pipeline, tmp_path_factory):
+  """Exported through the CLI (`load_pipeline` stubbed to return the tiny pipeline)."""
   out = tmp_path_factory.mktemp('export_fp32')
-  return out, export.export_all(tiny_models, out, 'fp32', IMAGE, log=lambda s: None)
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setattr('dreamlite_jax.pipeline.load_pipeline', lambda checkpoint, **kw: jax_pipeline)
+    manifest = export.main(['--checkpoint', 'run/', '--out', str(out), '--precision', 'fp32',
+                            '--size', str(IMAGE[0]), str(IMAGE[1])])
+  return out, manifest
 
 
 @pytest.fixture(scope='session')

@@ -7,21 +7,14 @@ import pytest
 
 from converters import numerics
 from converters.tflite_pipeline import TFLitePipeline, main
-from dreamlite_jax.models.qwen3_vl import Qwen3VLConfig
-from dreamlite_jax.models.text_conditioning import TextEncoder
-from dreamlite_jax.pipeline import Pipeline
-
-from conftest import IMAGE, TEXT_LEN
+from conftest import IMAGE
 
 PROMPT = 'a red circle above a blue square'
 
 
 @pytest.fixture(scope='module')
-def pipelines(tiny_models, export_fp32):
-  m = tiny_models
-  text = TextEncoder(Qwen3VLConfig.tiny(), m.text_params, text_length=TEXT_LEN)
-  jax_pipe = Pipeline(text, m.unet, m.unet_params, m.vae, m.vae_params, size_multiple=32)
-  return jax_pipe, TFLitePipeline(export_fp32[0])
+def pipelines(jax_pipeline, export_fp32):
+  return jax_pipeline, TFLitePipeline(export_fp32[0])
 
 
 def _psnr_uint8(a, b):
