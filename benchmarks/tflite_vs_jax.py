@@ -17,7 +17,6 @@ import statistics
 import time
 
 import jax
-import numpy as np
 
 from benchmarks.export_paper_unet import random_unet, unet_inputs
 from converters import components, litert
