@@ -1,0 +1,221 @@
+"""The `rl` stage of a job: Flow-GRPO from the SFT checkpoint with the exact shapes reward.
+
+Follows the stage-runner contract of `dreamlite_jax/stages.py`
+(`run_stage(ctx: StageContext) -> dict`). Steps:
+  1. score the parent's U-Net (EMA) on the fixed held-in prompt set and the
+     held-out split (`shapes_stage.evaluate`, the eval sampler) = "before";
+  2. RL iterations: draw prompts (T2I and edit, `edit_fraction`) from the
+     training generator, roll out G SDE samples each with the current params,
+     decode with the VAE, reward them with `ShapesReward` (partial credit), take
+     group-relative advantages and `num_minibatches` shared-train-step updates
+     of the clipped GRPO loss with a KL to the SFT model;
+  3. score again = "after"; report reward, KL to the reference and a sample
+     diversity figure (mean per-pixel std within a prompt's group) first vs last.
+The TrainState is born sharded on the job's mesh and checkpointed with the
+shared orbax manager, so a re-run resumes at the last saved iteration.
+
+Section fields: parent, use_ema, iterations, prompts_per_iteration,
+edit_fraction, num_minibatches, sample_steps, checkpoint_every, grpo
+(GRPOConfig fields), train (trainer fields), eval (per_category, per_type).
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from data_pipelines import shapes
+from dreamlite_jax.config import ConfigError
+from dreamlite_jax.diffusion import flow
+from dreamlite_jax.eval import shapes_stage
+from dreamlite_jax.rewards.shapes_programmatic import ShapesReward
+from dreamlite_jax.training import checkpoints as ckpt
+from dreamlite_jax.training import mesh as mesh_lib
+from dreamlite_jax.training import metrics as metrics_lib
+from dreamlite_jax.training import pretrain_loss
+from dreamlite_jax.training import pretrain_stage
+from dreamlite_jax.training import rl_grpo
+from dreamlite_jax.training import state as state_lib
+from dreamlite_jax.training import step as step_lib
+
+PROMPT_SEED = 7_000_003  # RL prompts: training pairs, a stream apart from SFT data and eval
+
+
+def draw_prompts(iteration: int, count: int, edit_fraction: float, size: int, seed: int
+                 ) -> list[dict]:
+  """`count` prompts of the training split: {"text", "metadata", "source" (edits) uint8}."""
+  rng = np.random.default_rng([seed, iteration])
+  out = []
+  for j in range(count):
+    index = iteration * count + j
+    if rng.random() < edit_fraction:
+      kind = shapes.EDIT_TYPES[int(rng.integers(len(shapes.EDIT_TYPES)))]
+      ex = shapes.make_edit_example("train", kind, seed, index, size)
+      out.append({"text": ex["instruction"], "metadata": ex["metadata"], "source": ex["source"]})
+    else:
+      cat = shapes.T2I_CATEGORIES[int(rng.integers(len(shapes.T2I_CATEGORIES)))]
+      ex = shapes.make_t2i_example("train", cat, seed, index, size)
+      out.append({"text": ex["caption"], "metadata": ex["metadata"], "source": None})
+  return out
+
+
+class _Conditioner:
+  """Text features, CFG negatives and condition latents of a prompt batch (fixed shapes)."""
+
+  def __init__(self, models, size: int):
+    self.models, self.size = models, size
+    vae = models.vae
+    self._encode = jax.jit(lambda p, x: vae.apply({"params": p}, x, method="encode"))
+    self._decode = jax.jit(lambda p, z: vae.apply({"params": p}, z, method="decode"))
+
+  def __call__(self, items: list[dict], group: int):
+    te, n = self.models.text_encoder, len(items)
+    edit = np.array([it["source"] is not None for it in items])
+    f_t, m_t = map(np.asarray, te.encode_generate([it["text"] for it in items]))
+    f_e, m_e = map(np.asarray, te.encode_edit([it["text"] for it in items]))
+    u_t, um_t = map(np.asarray, te.encode_generate_unconditional(n))
+    u_e, um_e = map(np.asarray, te.encode_edit_unconditional(n))
+    if f_t.shape != f_e.shape:
+      raise ValueError(f"T2I features {f_t.shape} and edit features {f_e.shape} differ in shape; "
+                       f"RL mixes both in one batch")
+    pick = lambda a, b: np.where(edit.reshape((-1,) + (1,) * (a.ndim - 1)), b, a)
+    sources = np.stack([it["source"] if it["source"] is not None
+                        else np.zeros((self.size, self.size, 3), np.uint8) for it in items])
+    latents = np.asarray(self._encode(self.models.vae_params,
+                                      jnp.asarray(sources, jnp.float32) / 127.5 - 1.0))
+    condition = np.where(edit[:, None, None, None], latents, 0.0).astype(np.float32)
+    time_ids = np.full((n, 2), float(self.size), np.float32)
+    rep = lambda a: np.repeat(a, group, axis=0)
+    cond = {"text": rep(pick(f_t, f_e)).astype(np.float32),
+            "text_mask": rep(pick(m_t, m_e)).astype(np.int32), "time_ids": rep(time_ids)}
+    uncond = {"text": rep(pick(u_t, u_e)).astype(np.float32),
+              "text_mask": rep(pick(um_t, um_e)).astype(np.int32), "time_ids": rep(time_ids)}
+    return rep(condition), cond, uncond, rep(sources)
+
+  def decode(self, latents) -> np.ndarray:
+    images = np.asarray(self._decode(self.models.vae_params, jnp.asarray(latents)))
+    return np.round(np.clip((images + 1.0) / 2.0, 0, 1) * 255).astype(np.uint8)
+
+
+def group_diversity(images: np.ndarray, group: int) -> float:
+  """Mean over prompts of the per-pixel std across the prompt's G samples (0-255 scale)."""
+  x = images.astype(np.float32).reshape((-1, group) + images.shape[1:])
+  return float(x.std(axis=1).mean())
+
+
+def _summary(scores: dict) -> dict[str, float]:
+  t2i, edit = scores["t2i"], scores["edit"]
+  return {"t2i": t2i.get("overall", 0.0), "t2i_heldout": t2i.get("heldout_overall", 0.0),
+          "edit": edit.get("accuracy", 0.0), "edit_heldout": edit.get("heldout_accuracy", 0.0)}
+
+
+def run_stage(ctx) -> dict:
+  """Runs RL from the parent (SFT) checkpoint; returns steps, rl figures and scores."""
+  section = ctx.section
+  if not ctx.parent_workdir:
+    raise ConfigError(f"config.{ctx.name}.parent must name the stage RL starts from (sft)")
+  models = ctx.models
+  config = ctx.stage_config()
+  config.init_from.ema_as_params = bool(section.use_ema)
+  size = models.image_size
+  grpo = rl_grpo.GRPOConfig(**section.grpo.to_dict())
+  group, prompts = grpo.group_size, int(section.prompts_per_iteration)
+  rows = prompts * group * int(section.sample_steps)
+  if rows % int(section.num_minibatches):
+    raise ConfigError(f"config.{ctx.name}: prompts_per_iteration * grpo.group_size * "
+                      f"sample_steps = {rows} is not divisible by num_minibatches")
+
+  mesh = mesh_lib.make_mesh(config.mesh)
+  tx = state_lib.make_optimizer(config.train)
+  latent = size // flow.VAE_SCALE
+  length = int(ctx.config.model.text_encoder.text_length)
+  init = pretrain_stage.init_unet_fn(models.unet, (latent, latent), length,
+                                     models.unet_config.encoder_hid_dim)
+  abstract, shardings = state_lib.state_shardings(init, tx, mesh)
+  manager = ckpt.make_manager(ckpt.checkpoint_dir(ctx.workdir), keep=1, async_save=False)
+  state, data_state, source = ckpt.restore_or_init(
+      config, manager, abstract, lambda: state_lib.create_state(init, tx, mesh, config.seed))
+  reference = ckpt.load_params(ctx.parent_workdir, ema=bool(section.use_ema))
+  predict = pretrain_loss.unet_predict_fn(models.unet)
+  step_fn = step_lib.make_train_step(
+      rl_grpo.make_grpo_loss(predict, grpo), tx, mesh, shardings,
+      compute_dtype=state_lib.DTYPES[config.train.compute_dtype],
+      ema_decay=config.train.ema_decay)
+  rollout = rl_grpo.make_rollout(predict, grpo)
+  conditioner = _Conditioner(models, size)
+  reward = ShapesReward()
+  sigmas = flow.sampling_sigmas(int(section.sample_steps), 0.0)
+  rng = jax.device_put(np.asarray(jax.device_get(state.rng)), mesh_lib.replicated(mesh))
+
+  sets = shapes_stage.eval_sets(ctx.config, section.eval.per_category, section.eval.per_type)
+  results_path = os.path.join(ctx.workdir, "rl_progress.json")
+  progress = {}
+  if os.path.exists(results_path):
+    with open(results_path) as f:
+      progress = json.load(f)
+  if "before" not in progress:
+    progress["before"] = shapes_stage.evaluate(models.pipeline(reference), sets,
+                                               ctx.config.eval.sampler)
+  writer = metrics_lib.MetricsWriter(ctx.workdir)
+  start = int(data_state["iteration"]) if data_state else 0
+  iterations = int(section.iterations)
+  t0 = time.time()
+  for it in range(start, iterations):
+    items = draw_prompts(it, prompts, float(section.edit_fraction), size,
+                         PROMPT_SEED + ctx.config.seed)
+    condition, cond, uncond, sources = conditioner(items, group)
+    noise = np.asarray(jax.random.normal(jax.random.PRNGKey(config.seed * 100_003 + it),
+                                         condition.shape))
+    out = rollout(jax.device_get(state.params), reference, noise, condition, sigmas, cond,
+                  uncond, jax.random.PRNGKey(it + 1))
+    images = conditioner.decode(out["latents"])
+    metas = [it_["metadata"] for it_ in items for _ in range(group)]
+    rewards = reward(images, metas, sources)
+    adv = rl_grpo.group_advantages(rewards, group)
+    batch = rl_grpo.flatten_rollout(out, condition, sigmas, cond, uncond, adv)
+    state, history = rl_grpo.update(step_fn, state, batch, int(section.num_minibatches), mesh,
+                                    rng, config.seed * 7919 + it)
+    edit = np.array([m.get("edit_type") is not None for m in metas])
+    scalars = {k: float(np.mean([h[k] for h in history])) for k in history[0]}
+    scalars.update(reward=float(rewards.mean()),
+                   reward_t2i=float(rewards[~edit].mean()) if (~edit).any() else 0.0,
+                   reward_edit=float(rewards[edit].mean()) if edit.any() else 0.0,
+                   diversity=group_diversity(images, group))
+    writer.write(it + 1, scalars)
+    writer.flush()
+    progress.setdefault("iterations", []).append({"iteration": it + 1, **scalars})
+    print(f"[rl] iteration {it + 1}/{iterations}: reward {scalars['reward']:.3f} "
+          f"kl_ref {scalars['kl_ref']:.4f} ({time.time() - t0:.0f}s)", flush=True)
+    if (it + 1) % int(section.checkpoint_every) == 0 or it + 1 == iterations:
+      ckpt.save(manager, state, {"iteration": it + 1}, config)
+      manager.wait_until_finished()
+      with open(results_path, "w") as f:
+        json.dump(progress, f)
+  manager.close()
+  writer.close()
+
+  params = ckpt.as_numpy(state.params)
+  after = shapes_stage.evaluate(models.pipeline(params), sets, ctx.config.eval.sampler,
+                                grid_dir=ctx.workdir, prefix="samples_")
+  log = progress.get("iterations", [])
+  before_s, after_s = _summary(progress["before"]), _summary(after)
+  rl = {"before": before_s["t2i"], "after": after_s["t2i"],
+        "heldout_before": before_s["t2i_heldout"], "heldout_after": after_s["t2i_heldout"],
+        "edit_before": before_s["edit"], "edit_after": after_s["edit"],
+        "edit_heldout_before": before_s["edit_heldout"],
+        "edit_heldout_after": after_s["edit_heldout"],
+        "train_reward_first": log[0]["reward"] if log else None,
+        "train_reward_last": log[-1]["reward"] if log else None,
+        "kl_to_reference": log[-1]["kl_ref"] if log else None,
+        "diversity_first": log[0]["diversity"] if log else None,
+        "diversity_last": log[-1]["diversity"] if log else None,
+        "method": "flow_grpo", "reward": "shapes (programmatic, partial credit)"}
+  with open(os.path.join(ctx.workdir, "scores.json"), "w") as f:
+    json.dump({"rl": rl, "before": progress["before"], "after": after}, f, indent=2)
+  return {"steps": int(jax.device_get(state.step)), "final_loss": log[-1]["loss"] if log else None,
+          "rl": rl, "scores": after, "scores_before": progress["before"],
+          "source": source, "sample_grids": ["samples_t2i.png", "samples_edit.png"]}
