@@ -221,3 +221,28 @@ def run_job(config: ml_collections.ConfigDict, workdir: str, stages: str | None 
     records[name] = record
   report.write_report(config, workdir, log=log)
   return records
+
+
+def load_job_config(path: str, overrides: list[str] | tuple[str, ...] = ()
+                    ) -> ml_collections.ConfigDict:
+  """Loads a job config: defaults, then `config.presets[preset]`, then the user's overrides.
+
+  The preset is read from the overrides (`--config.preset=smoke`) so a user
+  override of a field the preset also sets still wins.
+  """
+  from dreamlite_jax import config as config_lib
+  from dreamlite_jax import config_schema
+
+  config = config_lib.load_config(path, overrides)
+  preset = config.get("preset", "default")
+  if preset != "default":
+    presets = config.get("presets") or {}
+    if preset not in presets:
+      raise ConfigError(f"config.preset = {preset!r}: unknown; known presets: "
+                        f"{['default'] + sorted(presets)}")
+    config = config_lib.load_config_file(path)
+    config_lib.apply_overrides(config, presets[preset])
+    config_lib.apply_overrides(config, overrides)
+    config_schema.validate(config)
+  parse_stages(config.stages)
+  return config

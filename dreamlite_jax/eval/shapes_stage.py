@@ -1,0 +1,174 @@
+"""Shapes-world scores of a U-Net: the job's `eval` stage and every stage's end-of-stage check.
+
+`evaluate(pipe, sets, sampler)` samples the fixed evaluation sets (T2I prompts
+per GenEval-style category, edit triplets per ImgEdit-style type, held-in and
+held-out) with the pipeline and scores them exactly with `shapes_eval`.
+Scores are nested the way `scores.json` holds them:
+  {"t2i": {"overall", "heldout_overall", <category>..., "heldout_<category>"...},
+   "edit": {"accuracy", "heldout_accuracy", <type>..., "heldout_<type>"...}}.
+Sample grids (T2I: prompt over image; edit: source | instruction | result) go
+to PNGs next to the stage's outputs.
+"""
+from __future__ import annotations
+
+import os
+import textwrap
+from typing import Any
+
+import ml_collections
+import numpy as np
+from PIL import Image, ImageDraw
+
+from data_pipelines import shapes
+from dreamlite_jax.eval import shapes_eval
+
+_SETS: dict[tuple, dict] = {}
+
+
+def eval_sets(config: ml_collections.ConfigDict, per_category: int | None = None,
+              per_type: int | None = None) -> dict[str, list[dict]]:
+  """The fixed evaluation sets (`shapes.EVAL_SEED`), memoised per size and counts.
+
+  Returns {"t2i": held-in prompts, "t2i_heldout", "edit": held-in triplets, "edit_heldout"}.
+  """
+  e = config.eval
+  size = int(config.data.image_size)
+  per_category = e.per_category if per_category is None else per_category
+  per_type = e.per_type if per_type is None else per_type
+  key = (size, per_category, per_type)
+  if key not in _SETS:
+    _SETS[key] = {
+        "t2i": shapes.t2i_eval_prompts("train", per_category, size),
+        "t2i_heldout": shapes.t2i_eval_prompts("heldout", per_category, size),
+        "edit": shapes.edit_eval_set("train", per_type, size),
+        "edit_heldout": shapes.edit_eval_set("heldout", per_type, size),
+    }
+  return _SETS[key]
+
+
+def _chunks(items: list, size: int):
+  for i in range(0, len(items), size):
+    yield items[i:i + size]
+
+
+def _pad(items: list, size: int) -> list:
+  return items + [items[-1]] * (size - len(items))
+
+
+def sample_t2i(pipe, items: list[dict], sampler: ml_collections.ConfigDict) -> np.ndarray:
+  """uint8 [N, S, S, 3] samples of the prompts (fixed batch: one compilation)."""
+  out = []
+  size = int(items[0]["metadata"]["scene"]["height"])
+  for chunk in _chunks(items, sampler.batch_size):
+    prompts = _pad([it["caption"] for it in chunk], sampler.batch_size)
+    images = pipe.generate(prompts, seed=sampler.seed, steps=sampler.steps,
+                           guidance=sampler.guidance or None, size=size, output="np")
+    out.append(images[:len(chunk)])
+  return np.concatenate(out)
+
+
+def sample_edit(pipe, items: list[dict], sampler: ml_collections.ConfigDict) -> np.ndarray:
+  """uint8 [N, S, S, 3] edit results of the triplets' sources and instructions."""
+  out = []
+  for chunk in _chunks(items, sampler.batch_size):
+    padded = _pad(chunk, sampler.batch_size)
+    guidance = sampler.guidance or None
+    images = pipe.edit([it["source"] for it in padded], [it["instruction"] for it in padded],
+                       seed=sampler.seed, steps=sampler.steps, guidance=guidance,
+                       image_guidance=(sampler.image_guidance or None) if guidance else None,
+                       output="np")
+    out.append(images[:len(chunk)])
+  return np.concatenate(out)
+
+
+def nest_scores(t2i: dict[str, float], edit: dict[str, float]) -> dict[str, dict[str, float]]:
+  """`shapes_eval.score_*` dicts -> the nested `scores.json` layout (see module docstring)."""
+  def rename(scores, overall):
+    out = {}
+    for k, v in scores.items():
+      name = k.replace("heldout/", "heldout_")
+      out[{"overall": overall, "heldout_overall": f"heldout_{overall}"}.get(name, name)] = v
+    return out
+  return {"t2i": rename(t2i, "overall"), "edit": rename(edit, "accuracy")}
+
+
+def evaluate(pipe, sets: dict[str, list[dict]], sampler: ml_collections.ConfigDict,
+             grid_dir: str | None = None, prefix: str = "") -> dict[str, Any]:
+  """Samples and scores every set; optionally writes `<prefix>t2i.png` / `<prefix>edit.png`."""
+  t2i_items = sets["t2i"] + sets["t2i_heldout"]
+  t2i_images = sample_t2i(pipe, t2i_items, sampler)
+  t2i = shapes_eval.score_t2i(t2i_images, [it["metadata"] for it in t2i_items])
+  edit_items = sets["edit"] + sets["edit_heldout"]
+  edit_images = sample_edit(pipe, edit_items, sampler)
+  edit = shapes_eval.score_edit([it["source"] for it in edit_items], edit_images,
+                                [it["metadata"] for it in edit_items])
+  scores = nest_scores(t2i, edit)
+  if grid_dir is not None:
+    os.makedirs(grid_dir, exist_ok=True)
+    t2i_grid(os.path.join(grid_dir, f"{prefix}t2i.png"), t2i_items, t2i_images)
+    edit_grid(os.path.join(grid_dir, f"{prefix}edit.png"), edit_items, edit_images)
+  return scores
+
+
+def _pick_examples(items: list[dict], key: str, n: int) -> list[int]:
+  """Indices of up to `n` items, round-robin over `items[i][key]` so every kind shows up."""
+  seen: dict[str, list[int]] = {}
+  for i, it in enumerate(items):
+    seen.setdefault(it[key], []).append(i)
+  picked, r = [], 0
+  while len(picked) < n and any(r < len(v) for v in seen.values()):
+    picked += [v[r] for v in seen.values() if r < len(v)]
+    r += 1
+  return picked[:n]
+
+
+def _label(text: str, width: int, height: int) -> np.ndarray:
+  canvas = Image.new("RGB", (width, height), (255, 255, 255))
+  draw = ImageDraw.Draw(canvas)
+  chars = max(8, width // 6)
+  draw.multiline_text((2, 2), "\n".join(textwrap.wrap(text, chars)[:height // 11]),
+                      fill=(0, 0, 0))
+  return np.asarray(canvas)
+
+
+def t2i_grid(path: str, items: list[dict], images: np.ndarray, n: int = 24,
+             columns: int = 6, scale: int = 2) -> str:
+  """PNG of prompt captions over their samples (round-robin over categories)."""
+  cells = []
+  for i in _pick_examples(items, "category", n):
+    im = np.kron(images[i], np.ones((scale, scale, 1), np.uint8))
+    cells.append(np.concatenate([_label(items[i]["caption"], im.shape[1], 34), im]))
+  rows = [np.concatenate(_pad(cells[r:r + columns], columns) if len(cells) >= columns
+                         else cells[r:r + columns], axis=1) for r in range(0, len(cells), columns)]
+  width = max(r.shape[1] for r in rows)
+  rows = [np.pad(r, ((0, 0), (0, width - r.shape[1]), (0, 0)), constant_values=255) for r in rows]
+  Image.fromarray(np.concatenate(rows)).save(path)
+  return path
+
+
+def edit_grid(path: str, items: list[dict], results: np.ndarray, n: int = 14,
+              scale: int = 2) -> str:
+  """PNG with one row per edit: source | instruction | result | ground-truth target."""
+  rows = []
+  for i in _pick_examples(items, "edit_type", n):
+    big = lambda x: np.kron(x, np.ones((scale, scale, 1), np.uint8))
+    src, res, tgt = big(items[i]["source"]), big(results[i]), big(items[i]["target"])
+    label = _label(items[i]["instruction"], 2 * src.shape[1], src.shape[0])
+    rows.append(np.concatenate([src, label, res, tgt], axis=1))
+  Image.fromarray(np.concatenate(rows)).save(path)
+  return path
+
+
+def run_stage(ctx) -> dict:
+  """The job's `eval` stage: full evaluation of the parent's U-Net (its EMA params)."""
+  from dreamlite_jax.config import ConfigError
+  from dreamlite_jax.training import checkpoints
+  if not ctx.parent_workdir:
+    raise ConfigError(f"config.{ctx.name}.parent must name the stage whose U-Net is evaluated")
+  section = ctx.section
+  params = checkpoints.load_params(ctx.parent_workdir, ema=bool(section.use_ema))
+  pipe = ctx.models.pipeline(params)
+  sets = eval_sets(ctx.config)
+  scores = evaluate(pipe, sets, section.sampler, grid_dir=ctx.workdir)
+  return {"scores": scores, "evaluated": ctx.parent_workdir,
+          "sampler": section.sampler.to_dict(), "sample_grids": ["t2i.png", "edit.png"]}

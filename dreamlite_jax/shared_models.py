@@ -1,0 +1,120 @@
+"""The frozen parts every stage of a job shares: text encoder, VAE, U-Net module, data.
+
+Built lazily (a job that only converts never renders training data) and once
+per job. The VAE's params come from the job's `vae` stage (or from
+`config.model.vae_checkpoint` when a converted VAE is given); the text
+encoder is `config.model.text_encoder.spec` (`tiny:SEED` = the tiny Qwen3,
+random init with that seed, frozen, with the real Qwen tokenizer).
+"""
+from __future__ import annotations
+
+import functools
+import os
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+
+from dreamlite_jax.diffusion import flow
+
+
+class SharedModels:
+  """Lazily built shared models and data of a job rooted at `workdir`."""
+
+  def __init__(self, config: ml_collections.ConfigDict, workdir: str):
+    self.config = config
+    self.workdir = os.path.abspath(workdir)
+    self._vae_params = None
+    self._text_encoder = None
+    self._pipeline = None
+    self._data: dict[str, Any] = {}
+
+  @functools.cached_property
+  def unet_config(self):
+    from dreamlite_jax.models.unet import UNetConfig
+    return UNetConfig.from_dict(self.config.model.unet.to_dict())
+
+  @functools.cached_property
+  def unet(self):
+    """The denoiser module; `config.model.conditioning = "channel"` selects the ablation."""
+    from dreamlite_jax.config import ConfigError
+    from dreamlite_jax.models import channel_concat
+    from dreamlite_jax.models.unet import DreamLiteUNet
+    mode = self.config.model.conditioning
+    if mode == "spatial":
+      return DreamLiteUNet(self.unet_config)
+    if mode == "channel":
+      return channel_concat.ChannelConcatUNet(channel_concat.channel_config(self.unet_config))
+    raise ConfigError(f"config.model.conditioning = {mode!r}: expected one of "
+                      f"{channel_concat.CONDITIONING}")
+
+  @functools.cached_property
+  def vae_config(self):
+    from dreamlite_jax.models.vae import VAEConfig
+    return VAEConfig.from_dict(self.config.model.vae.to_dict())
+
+  @functools.cached_property
+  def vae(self):
+    from dreamlite_jax.models.vae import TinyAutoencoder
+    return TinyAutoencoder(self.vae_config)
+
+  @property
+  def vae_workdir(self) -> str:
+    return self.config.model.vae_checkpoint or os.path.join(self.workdir, "vae")
+
+  @property
+  def vae_params(self) -> Any:
+    """The trained VAE's (EMA) params; the `vae` stage must have finished."""
+    if self._vae_params is None:
+      from dreamlite_jax.training import checkpoints
+      if not os.path.isdir(os.path.join(self.vae_workdir, "checkpoints")):
+        raise FileNotFoundError(f"no VAE checkpoint in {self.vae_workdir}: run the 'vae' stage "
+                                f"first or set config.model.vae_checkpoint")
+      self._vae_params = checkpoints.load_params(self.vae_workdir, ema=True)
+    return self._vae_params
+
+  @property
+  def text_encoder(self):
+    if self._text_encoder is None:
+      from dreamlite_jax.pipeline import build_text_encoder
+      te = self.config.model.text_encoder
+      self._text_encoder = build_text_encoder(te.spec, te.text_length)
+    return self._text_encoder
+
+  @property
+  def image_size(self) -> int:
+    return int(self.config.data.image_size)
+
+  def pipeline(self, unet_params: Any):
+    """A `Pipeline` over the shared text encoder, U-Net module and trained VAE."""
+    from dreamlite_jax.pipeline import Pipeline
+    if self._pipeline is None:
+      # Built once: every stage's pipeline shares its jitted sampler (one compilation per mode).
+      self._pipeline = Pipeline(self.text_encoder, self.unet, unet_params, self.vae,
+                                self.vae_params,
+                                size_multiple=flow.VAE_SCALE * self.unet_config.downsample_factor)
+    return self._pipeline.with_unet_params(unet_params)
+
+  def raw_data(self) -> dict[str, np.ndarray]:
+    """Rendered training examples (`shapes_data.build_raw`), cached in `<workdir>/data/`."""
+    if "raw" not in self._data:
+      from dreamlite_jax.training import shapes_data
+      d = self.config.data
+      self._data["raw"] = shapes_data.load_or_build(
+          os.path.join(self.workdir, "data", "raw.npz"),
+          lambda: shapes_data.build_raw(d.num_t2i, d.num_edit, d.image_size, d.seed))
+    return self._data["raw"]
+
+  def encoded_data(self) -> dict[str, np.ndarray]:
+    """Latents + text features of the training examples (after the VAE stage), cached."""
+    if "encoded" not in self._data:
+      from dreamlite_jax.training import shapes_data
+      vae, params = self.vae, self.vae_params
+      enc = jax.jit(lambda p, x: vae.apply({"params": p}, x.astype("float32") / 127.5 - 1.0,
+                                           method="encode"))
+      self._data["encoded"] = shapes_data.load_or_build(
+          os.path.join(self.workdir, "data", "encoded.npz"),
+          lambda: shapes_data.encode(self.raw_data(), lambda x: enc(params, x),
+                                     self.text_encoder))
+    return self._data["encoded"]

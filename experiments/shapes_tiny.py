@@ -1,0 +1,147 @@
+"""The embedded default: every DreamLite stage, end to end, on a laptop CPU, on the shapes world.
+
+  python -m dreamlite_jax.main --config experiments/shapes_tiny.py --workdir runs/demo
+  python -m dreamlite_jax.main --config experiments/shapes_tiny.py --workdir runs/smoke \
+      --config.preset=smoke          # every stage in about a minute (CI)
+
+Same code paths as the paper configs, at CPU scale: the DreamLite U-Net class
+(tiny widths, MQA, qk-norm, separable ResBlocks), the Qwen3 text-encoder class
+at a tiny size (random init with a fixed seed, frozen) behind the real Qwen
+tokenizer and DreamLite's chat templates, a tiny 8x VAE trained first, the
+shared trainer and flow-matching loss, and the converters. Images are 64x64,
+latents 8x8x4, the packed canvas 8x16.
+
+Stages (each starts from its `parent`'s checkpoint; `--stages a,b` selects):
+  vae -> pretrain_t2i -> pretrain_edit -> pretrain_joint -> sft -> eval -> convert
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import ml_collections
+
+from experiments import train_defaults
+
+STAGES = "vae,pretrain_t2i,pretrain_edit,pretrain_joint,sft,eval,convert"
+
+# `--config.preset=smoke`: the overrides applied on top of the defaults (user
+# overrides still win), sized so every stage runs in about a minute.
+_UNET_STAGES = ("pretrain_t2i", "pretrain_edit", "pretrain_joint", "sft")
+SMOKE = (
+    "data.num_t2i=96", "data.num_edit=96",
+    # A smaller U-Net of the same class (2 levels, 1 layer each): compiles much faster.
+    "model.unet.block_out_channels=(32, 32)", "model.unet.heads=(1, 1)",
+    "model.unet.down_kinds=('cross', 'full')", "model.unet.up_kinds=('full', 'none')",
+    "model.unet.transformer_depth=(1, 1)", "model.unet.layers_per_block=1",
+    "vae.train.steps=6", "vae.train.batch_size=8", "vae.train.warmup_steps=2",
+    # Identical train/loss settings in the four U-Net stages give identical train-step
+    # programs, so the persistent compilation cache compiles the step once.
+    *[f"{s}.{field}" for s in _UNET_STAGES for field in (
+        "train.steps=4", "train.batch_size=8", "train.warmup_steps=1", "train.lr=0.001",
+        "train.schedule=cosine", "loss.image_dropout=0.05")],
+    "eval.per_category=1", "eval.per_type=1", "eval.sampler.steps=2", "eval.sampler.batch_size=8",
+    "eval.stage_check.per_category=1", "eval.stage_check.per_type=1",
+    "eval.stage_check.sampler.steps=2", "eval.stage_check.sampler.batch_size=8",
+)
+
+
+def _fields(instance) -> ml_collections.ConfigDict:
+  return ml_collections.ConfigDict(dataclasses.asdict(instance))
+
+
+def _sampler(steps: int, guidance: float, image_guidance: float, batch_size: int):
+  """Sampling settings; guidance 0 = no CFG (distilled students)."""
+  return ml_collections.ConfigDict(dict(steps=steps, guidance=guidance,
+                                        image_guidance=image_guidance, batch_size=batch_size,
+                                        seed=0))
+
+
+def _unet_stage(parent: str, steps: int, lr: float, edit_fraction: float, *,
+                warmup: int = 100, schedule: str = "cosine", text_dropout: float = 0.1,
+                image_dropout: float = 0.0, batch_size: int = 32, init_from_ema: bool = False
+                ) -> ml_collections.ConfigDict:
+  section = ml_collections.ConfigDict()
+  section.parent = parent
+  section.init_from_ema = init_from_ema
+  section.train = train_defaults.train_config(
+      steps=steps, batch_size=batch_size, lr=lr, schedule=schedule, warmup_steps=warmup,
+      end_lr_ratio=0.1, weight_decay=0.0, grad_clip=1.0, ema_decay=0.995, log_every=25,
+      checkpoint_every=500, keep_checkpoints=1, async_checkpoints=False)
+  section.loss = ml_collections.ConfigDict(dict(
+      timestep_sampling="logit_normal", logit_mean=0.0, logit_std=1.0, shift_mu=None,
+      text_dropout=text_dropout, image_dropout=image_dropout))
+  section.data = ml_collections.ConfigDict(dict(edit_fraction=edit_fraction))
+  return section
+
+
+def get_config() -> ml_collections.ConfigDict:
+  from dreamlite_jax.models.unet import UNetConfig
+  from dreamlite_jax.models.vae import VAEConfig
+
+  config = ml_collections.ConfigDict()
+  config.preset = "default"
+  config.presets = ml_collections.ConfigDict(dict(smoke=SMOKE))
+  config.stages = STAGES
+  config.seed = 0
+
+  config.model = ml_collections.ConfigDict()
+  config.model.unet = _fields(UNetConfig.tiny(encoder_hid_dim=64))
+  config.model.vae = _fields(VAEConfig.tiny())
+  # How the edit source enters the U-Net: "spatial" = DreamLite's [target | source]
+  # along width; "channel" = stacked on channels (ablation; not exportable).
+  config.model.conditioning = "spatial"
+  config.model.vae_checkpoint = ""  # '' = the job's own `vae` stage
+  config.model.text_encoder = ml_collections.ConfigDict(dict(
+      spec="tiny:0",      # the tiny Qwen3 (hidden 64), random init with seed 0, frozen
+      text_length=48,     # features after the template prefix: the longest edit prompt is 43
+  ))
+
+  config.data = ml_collections.ConfigDict(dict(
+      image_size=64, num_t2i=6000, num_edit=6000, seed=0))
+  config.mesh = train_defaults.mesh_config(data=-1, fsdp=1, tensor=1, max_replicated_fraction=1.0)
+
+  config.vae = ml_collections.ConfigDict()
+  config.vae.parent = ""
+  config.vae.train = train_defaults.train_config(
+      steps=800, batch_size=32, lr=2e-3, schedule="cosine", warmup_steps=50, end_lr_ratio=0.05,
+      weight_decay=0.0, grad_clip=1.0, ema_decay=0.99, log_every=25, checkpoint_every=500,
+      keep_checkpoints=1, async_checkpoints=False)
+  config.vae.loss = ml_collections.ConfigDict(dict(l1_weight=1.0, mse_weight=1.0,
+                                                   moment_weight=0.1))
+
+  config.pretrain_t2i = _unet_stage("vae", steps=1500, lr=2e-3, edit_fraction=0.0, warmup=100)
+  config.pretrain_t2i.parent = ""  # the U-Net starts from scratch; the VAE is shared
+  config.pretrain_edit = _unet_stage("pretrain_t2i", steps=1000, lr=1e-3, edit_fraction=1.0,
+                                     image_dropout=0.05)
+  config.pretrain_joint = _unet_stage("pretrain_edit", steps=1000, lr=1e-3, edit_fraction=0.5,
+                                      image_dropout=0.05)
+  config.sft = _unet_stage("pretrain_joint", steps=300, lr=3e-4, edit_fraction=0.5,
+                           warmup=20, schedule="constant", image_dropout=0.05, init_from_ema=True)
+
+  config.eval = ml_collections.ConfigDict()
+  config.eval.parent = "sft"
+  config.eval.use_ema = True
+  config.eval.per_category = 16
+  config.eval.per_type = 8
+  config.eval.sampler = _sampler(steps=28, guidance=3.5, image_guidance=1.0, batch_size=48)
+  config.eval.stage_check = ml_collections.ConfigDict(dict(
+      enabled=True, per_category=4, per_type=2,
+      sampler=_sampler(steps=20, guidance=3.5, image_guidance=1.0, batch_size=48)))
+
+  # RL after SFT (dreamlite_jax/training/rl_stage.py): Flow-GRPO with the exact shapes
+  # reward; 8 prompts x 4 samples x 8 SDE steps = 256 transition rows per iteration.
+  config.rl = ml_collections.ConfigDict(dict(
+      parent="sft", use_ema=True, iterations=30, prompts_per_iteration=8, edit_fraction=0.5,
+      sample_steps=8, num_minibatches=2, checkpoint_every=10,
+      grpo=ml_collections.ConfigDict(dict(group_size=4, noise_level=0.7, clip_range=0.05,
+                                          adv_clip=5.0, kl_beta=0.01, guidance=3.5,
+                                          image_guidance=0.0)),
+      train=train_defaults.train_config(
+          steps=60, batch_size=128, lr=3e-5, schedule="constant", warmup_steps=0,
+          weight_decay=0.0, grad_clip=1.0, ema_decay=0.9, log_every=1, checkpoint_every=20,
+          keep_checkpoints=1, async_checkpoints=False),
+      eval=ml_collections.ConfigDict(dict(per_category=8, per_type=4)),
+  ))
+
+  config.convert = ml_collections.ConfigDict(dict(parent="sft", use_ema=True, precision="fp32"))
+  return config
