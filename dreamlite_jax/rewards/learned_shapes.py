@@ -5,9 +5,10 @@ reward gradient with respect to the pixels. This model scores how well an image
 [B, H, W, 3] in [-1, 1] matches a caption (word ids from `shapes_text`): a small
 CNN turns the image (resized to 64x64; 4x4 patches, then a stride-2 and a
 plain 3x3 convolution) into an 8x8 grid of features with a
-learned 2-D position embedding, a two-layer transformer reads the caption, the
-caption tokens cross-attend to the grid (so "left of" and "red circle and blue
-square" can be told apart), and a pooled MLP gives one logit; the reward is its
+learned 2-D position embedding, a two-layer transformer reads the caption, then
+a joint transformer over [cls | words | grid] lets text and image tokens attend
+to each other (so "left of" and "red circle and blue
+square" can be told apart), and an MLP on the cls token gives one logit; the reward is its
 sigmoid in [0, 1]. Trained by `python -m dreamlite_jax.rewards.train_shapes_reward`,
 whose weights ship as `weights/shapes_reward.safetensors` (about 1 MB).
 """
@@ -84,10 +85,14 @@ class ShapesRewardModel(nn.Module):
         :ids.shape[1]]
     for _ in range(c.text_layers):
       t = _Block(c.width, c.heads)(t, mask)
+    # One joint sequence [cls | words | grid]: every layer mixes text and image.
+    cls = jnp.broadcast_to(self.param("cls", nn.initializers.normal(0.02), (1, 1, c.width)),
+                           (b, 1, c.width))
+    x = jnp.concatenate([cls, t, grid], 1)
+    x_mask = jnp.concatenate([jnp.ones((b, 1)), mask, grid_mask], 1)
     for _ in range(c.cross_layers):
-      t = _Block(c.width, c.heads)(t, mask, grid, grid_mask)
-    t = nn.LayerNorm()(t)
-    pooled = jnp.sum(t * mask[..., None], 1) / jnp.maximum(jnp.sum(mask, 1, keepdims=True), 1.0)
+      x = _Block(c.width, c.heads)(x, x_mask)
+    pooled = nn.LayerNorm()(x[:, 0])
     return nn.Dense(1)(nn.gelu(nn.Dense(c.width)(pooled)))[:, 0]
 
 
