@@ -48,9 +48,10 @@ def unet_inputs(component: components.Component, size: int, seed: int = 0) -> di
   mask = np.zeros(shapes['text_mask'], np.float32)
   mask[:, :text_len // 3] = 1
   timesteps = flow.timesteps_from_sigmas(flow.schedule_for_size(4, size, size))
-  return {'sample': sample, 'timestep': timesteps[:1].astype(np.float32),
-          'text': rng.standard_normal(shapes['text']).astype(np.float32) * mask[..., None],
-          'text_mask': mask, 'time_ids': np.array([[size, size]], np.float32)}
+  inputs = {'sample': sample, 'timestep': timesteps[:1].astype(np.float32),
+            'text': rng.standard_normal(shapes['text']).astype(np.float32) * mask[..., None],
+            'text_mask': mask, 'time_ids': np.array([[size, size]], np.float32)}
+  return {k: v for k, v in inputs.items() if k in shapes}  # time_ids only when an input
 
 
 def main(argv: list[str] | None = None) -> int:
