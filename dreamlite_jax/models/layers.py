@@ -101,10 +101,14 @@ class GroupNorm(nn.Module):
     g = self.num_groups
     if c % g:
       raise ValueError(f"GroupNorm: {c} channels are not divisible into {g} groups")
-    xg = x.astype(jnp.float32).reshape(b, h * w, g, c // g)
-    mean = jnp.mean(jnp.mean(xg, axis=3, keepdims=True), axis=1, keepdims=True)
-    centered = xg - mean
-    var = jnp.mean(jnp.mean(centered * centered, axis=3, keepdims=True), axis=1, keepdims=True)
+
+    def group_mean(v):  # [B, H, W, C] -> [B, 1, G, 1]; staged so no reduction exceeds max(H, W, C/G)
+      v = jnp.mean(jnp.mean(v, axis=2, keepdims=True), axis=1, keepdims=True)
+      return jnp.mean(v.reshape(b, 1, g, c // g), axis=3, keepdims=True)
+
+    xf = x.astype(jnp.float32)
+    centered = xf.reshape(b, h * w, g, c // g) - group_mean(xf)
+    var = group_mean((centered * centered).reshape(b, h, w, c))
     y = (centered * jax.lax.rsqrt(var + self.epsilon)).reshape(b, h, w, c)
     scale = self.param("scale", _init(nn.initializers.ones, (NORM,)), (c,), self.param_dtype)
     bias = self.param("bias", _init(nn.initializers.zeros, (NORM,)), (c,), self.param_dtype)
@@ -172,7 +176,10 @@ def timestep_embedding(t, dim: int, flip_sin_to_cos: bool = True, freq_shift: fl
   """Sinusoidal embedding of float timesteps `[B]` -> `[B, dim]` (diffusers layout)."""
   half = dim // 2
   exponent = -math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / (half - freq_shift)
-  args = t.astype(jnp.float32)[:, None] * jnp.exp(exponent)[None, :]
+  # An outer product as a [B,1] @ [1,half] matmul: the broadcast MUL it replaces is
+  # rejected by the GPU delegate once the converter can't fold it.
+  args = jnp.matmul(t.astype(jnp.float32)[:, None], jnp.exp(exponent)[None, :],
+                    precision=jax.lax.Precision.HIGHEST)
   sin, cos = jnp.sin(args), jnp.cos(args)
   emb = jnp.concatenate([cos, sin] if flip_sin_to_cos else [sin, cos], axis=-1)
   if dim % 2:
