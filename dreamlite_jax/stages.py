@@ -39,7 +39,9 @@ report reads when present: `steps` (int), `final_loss` (float), `checkpoint`
 "teacher_naive_4step", "student_4step"}`), `convert` (`{"gpu_check_findings",
 "max_abs_err_fp32", "files": [...]}`), `sample_grids` (PNG paths relative to the
 stage dir). The runner writes only under `ctx.workdir` and must resume when
-re-run after an interruption (the shared trainer does this).
+re-run after an interruption (the shared trainer does this); when the trainer
+returns `preempted=True` the runner calls `raise_if_preempted(result, ctx.name)`
+so the stage is not marked finished.
 
 Register a runner by adding it to `STAGE_RUNNERS` below (names fail loudly).
 """
@@ -99,6 +101,17 @@ class StageContext:
 Runner = Callable[[StageContext], dict]
 
 
+class StagePreempted(RuntimeError):
+  """A runner stopped early on SIGTERM/SIGINT (checkpoint written): no DONE.json, re-run resumes."""
+
+
+def raise_if_preempted(result, stage: str) -> None:
+  """Call after `trainer.train`: a preempted stage must not be marked finished."""
+  if result.preempted:
+    raise StagePreempted(f"stage {stage!r} stopped at step {result.final_step} on a signal; "
+                         f"its checkpoint is saved and re-running the job resumes it")
+
+
 def _vae(ctx):
   from dreamlite_jax.training import vae_stage
   return vae_stage.run_stage(ctx)
@@ -107,6 +120,16 @@ def _vae(ctx):
 def _pretrain(ctx):
   from dreamlite_jax.training import pretrain_stage
   return pretrain_stage.run_stage(ctx)
+
+
+def _rl(ctx):
+  from dreamlite_jax.training import rl_stage
+  return rl_stage.run_stage(ctx)
+
+
+def _distill(ctx):
+  from dreamlite_jax.training import distill_stage
+  return distill_stage.run_stage(ctx)
 
 
 def _eval(ctx):
@@ -127,6 +150,8 @@ STAGE_RUNNERS: dict[str, Runner] = {
     "pretrain_edit": _pretrain,
     "pretrain_joint": _pretrain,
     "sft": _pretrain,
+    "rl": _rl,
+    "distill": _distill,
     "eval": _eval,
     "convert": _convert,
 }
@@ -213,7 +238,11 @@ def run_job(config: ml_collections.ConfigDict, workdir: str, stages: str | None 
                        models=models)
     log(f"[job] {name}: starting" + (f" from {parent_workdir}" if parent_workdir else ""))
     start = time.time()
-    results = STAGE_RUNNERS[name](ctx)
+    try:
+      results = STAGE_RUNNERS[name](ctx)
+    except StagePreempted as e:
+      log(f"[job] {e}")
+      return records
     record = {"stage": name, "results": results, "wall_time_s": time.time() - start,
               "finished_at": time.strftime("%Y-%m-%d %H:%M:%S")}
     _write_done(workdir, name, record)

@@ -12,7 +12,8 @@ shared trainer and flow-matching loss, and the converters. Images are 64x64,
 latents 8x8x4, the packed canvas 8x16.
 
 Stages (each starts from its `parent`'s checkpoint; `--stages a,b` selects):
-  vae -> pretrain_t2i -> pretrain_edit -> pretrain_joint -> sft -> eval -> convert
+  vae -> pretrain_t2i -> pretrain_edit -> pretrain_joint -> sft -> rl -> distill -> eval -> convert
+`eval` and `convert` take the distilled 4-step student (no CFG).
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ import ml_collections
 
 from experiments import train_defaults
 
-STAGES = "vae,pretrain_t2i,pretrain_edit,pretrain_joint,sft,eval,convert"
+STAGES = "vae,pretrain_t2i,pretrain_edit,pretrain_joint,sft,rl,distill,eval,convert"
 
 # `--config.preset=smoke`: the overrides applied on top of the defaults (user
 # overrides still win), sized so every stage runs in about a minute.
@@ -39,7 +40,13 @@ SMOKE = (
     *[f"{s}.{field}" for s in _UNET_STAGES for field in (
         "train.steps=4", "train.batch_size=8", "train.warmup_steps=1", "train.lr=0.001",
         "train.schedule=cosine", "loss.image_dropout=0.05")],
-    "eval.per_category=1", "eval.per_type=1", "eval.sampler.steps=2", "eval.sampler.batch_size=8",
+    "rl.iterations=1", "rl.prompts_per_iteration=2", "rl.sample_steps=2", "rl.num_minibatches=1",
+    "rl.grpo.group_size=2", "rl.eval.per_category=1", "rl.eval.per_type=1",
+    "distill.train.steps=2", "distill.train.batch_size=8", "distill.objective.fake_updates=1",
+    "distill.objective.regression_steps=2", "distill.data.pool_size=8",
+    "distill.eval.per_category=1", "distill.eval.per_type=1", "distill.eval.teacher_steps=2",
+    "distill.eval.batch_size=8",
+    "eval.per_category=1", "eval.per_type=1", "eval.sampler.batch_size=8",
     "eval.stage_check.per_category=1", "eval.stage_check.per_type=1",
     "eval.stage_check.sampler.steps=2", "eval.stage_check.sampler.batch_size=8",
 )
@@ -74,6 +81,12 @@ def _unet_stage(parent: str, steps: int, lr: float, edit_fraction: float, *,
   return section
 
 
+def _student_timesteps(size: int) -> tuple[float, ...]:
+  from dreamlite_jax.diffusion import flow
+  sigmas = flow.schedule_for_size(4, size, size)
+  return tuple(round(float(t), 2) for t in flow.timesteps_from_sigmas(sigmas))
+
+
 def get_config() -> ml_collections.ConfigDict:
   from dreamlite_jax.models.unet import UNetConfig
   from dreamlite_jax.models.vae import VAEConfig
@@ -103,27 +116,57 @@ def get_config() -> ml_collections.ConfigDict:
   config.vae = ml_collections.ConfigDict()
   config.vae.parent = ""
   config.vae.train = train_defaults.train_config(
-      steps=800, batch_size=32, lr=2e-3, schedule="cosine", warmup_steps=50, end_lr_ratio=0.05,
+      steps=400, batch_size=32, lr=2e-3, schedule="cosine", warmup_steps=50, end_lr_ratio=0.05,
       weight_decay=0.0, grad_clip=1.0, ema_decay=0.99, log_every=25, checkpoint_every=500,
       keep_checkpoints=1, async_checkpoints=False)
   config.vae.loss = ml_collections.ConfigDict(dict(l1_weight=1.0, mse_weight=1.0,
                                                    moment_weight=0.1))
 
-  config.pretrain_t2i = _unet_stage("vae", steps=1500, lr=2e-3, edit_fraction=0.0, warmup=100)
+  config.pretrain_t2i = _unet_stage("vae", steps=900, lr=2e-3, edit_fraction=0.0, warmup=100)
   config.pretrain_t2i.parent = ""  # the U-Net starts from scratch; the VAE is shared
-  config.pretrain_edit = _unet_stage("pretrain_t2i", steps=1000, lr=1e-3, edit_fraction=1.0,
+  config.pretrain_edit = _unet_stage("pretrain_t2i", steps=600, lr=1e-3, edit_fraction=1.0,
                                      image_dropout=0.05)
-  config.pretrain_joint = _unet_stage("pretrain_edit", steps=1000, lr=1e-3, edit_fraction=0.5,
+  config.pretrain_joint = _unet_stage("pretrain_edit", steps=700, lr=1e-3, edit_fraction=0.5,
                                       image_dropout=0.05)
-  config.sft = _unet_stage("pretrain_joint", steps=300, lr=3e-4, edit_fraction=0.5,
+  config.sft = _unet_stage("pretrain_joint", steps=200, lr=3e-4, edit_fraction=0.5,
                            warmup=20, schedule="constant", image_dropout=0.05, init_from_ema=True)
 
+  config.rl = ml_collections.ConfigDict(dict(
+      parent="sft", use_ema=True, iterations=6, prompts_per_iteration=8, edit_fraction=0.5,
+      sample_steps=8, num_minibatches=4, checkpoint_every=2,
+      grpo=dict(group_size=4, noise_level=0.7, clip_range=0.05, adv_clip=5.0, kl_beta=0.04,
+                guidance=3.5, image_guidance=0.0),
+      train=train_defaults.train_config(
+          steps=1, batch_size=64, lr=1e-4, schedule="constant", warmup_steps=0,
+          weight_decay=0.0, grad_clip=1.0, ema_decay=0.9, log_every=1, checkpoint_every=1,
+          keep_checkpoints=1, async_checkpoints=False),
+      eval=dict(per_category=4, per_type=2)))
+
+  size = config.data.image_size
+  config.distill = ml_collections.ConfigDict(dict(
+      parent="rl", teacher_ema=True,
+      objective=dict(
+          # The 4-step schedule the CFG-free pipeline runs at 64px (mu from 16 latent tokens).
+          student_timesteps=_student_timesteps(size), student_sampler="euler", fake_updates=2,
+          guidance_scale=3.5, image_guidance_scale=1.0, dmd_weight=1.0, sigma_min=0.02,
+          sigma_max=0.98, regression_weight=0.5, regression_steps=12, gan_weight=0.0,
+          gan_disc_weight=1.0, gan_hidden=64),
+      fake_lr=1e-4,
+      train=train_defaults.train_config(
+          steps=150, batch_size=32, lr=5e-5, schedule="constant", warmup_steps=10,
+          weight_decay=0.0, grad_clip=10.0, b1=0.0, b2=0.999, ema_decay=0.95, log_every=10,
+          checkpoint_every=50, keep_checkpoints=1, async_checkpoints=False),
+      data=dict(size=size, pool_size=512, edit_fraction=0.5, seed=0),
+      eval=dict(size=size, per_category=8, per_type=4, teacher_steps=28, guidance=3.5,
+                image_guidance=1.0, use_ema=True, seed=0, batch_size=48)))
+
   config.eval = ml_collections.ConfigDict()
-  config.eval.parent = "sft"
+  config.eval.parent = "distill"
   config.eval.use_ema = True
   config.eval.per_category = 16
   config.eval.per_type = 8
-  config.eval.sampler = _sampler(steps=28, guidance=3.5, image_guidance=1.0, batch_size=48)
+  # The deployed sampler: the distilled student, 4 Euler steps, no guidance.
+  config.eval.sampler = _sampler(steps=4, guidance=0.0, image_guidance=0.0, batch_size=48)
   config.eval.stage_check = ml_collections.ConfigDict(dict(
       enabled=True, per_category=4, per_type=2,
       sampler=_sampler(steps=20, guidance=3.5, image_guidance=1.0, batch_size=48)))
@@ -143,5 +186,5 @@ def get_config() -> ml_collections.ConfigDict:
       eval=ml_collections.ConfigDict(dict(per_category=8, per_type=4)),
   ))
 
-  config.convert = ml_collections.ConfigDict(dict(parent="sft", use_ema=True, precision="fp32"))
+  config.convert = ml_collections.ConfigDict(dict(parent="distill", use_ema=True, precision="fp32"))
   return config

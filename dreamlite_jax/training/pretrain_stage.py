@@ -17,6 +17,7 @@ import os
 import jax.numpy as jnp
 
 from dreamlite_jax.eval import shapes_stage
+from dreamlite_jax import stages
 from dreamlite_jax.training import checkpoints
 from dreamlite_jax.training import metrics as metrics_lib
 from dreamlite_jax.training import pretrain_loss
@@ -73,6 +74,7 @@ def run_stage(ctx) -> dict:
   """Trains one pretraining/SFT stage; returns steps, final loss and stage-check scores."""
   config = ctx.stage_config()
   result = train_unet(ctx, config, float(ctx.section.data.edit_fraction))
+  stages.raise_if_preempted(result, ctx.name)
   out = {"steps": int(result.final_step), "final_loss": final_loss(ctx.workdir),
          "compile_seconds": result.compile_seconds}
   if ctx.config.eval.stage_check.enabled:

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dreamlite_jax import stages
 from dreamlite_jax.training import checkpoints
 from dreamlite_jax.training import metrics as metrics_lib
 from dreamlite_jax.training import trainer
@@ -77,6 +78,7 @@ def run_stage(ctx) -> dict:
   init = lambda rng: vae.init(rng, jnp.zeros((1, size, size, 3)))["params"]
   data = ImageBatches(images, config.train.batch_size, config.seed)
   result = trainer.train(config, ctx.workdir, loss_fn, data, init)
+  stages.raise_if_preempted(result, ctx.name)
   params = checkpoints.as_numpy(result.state.ema_params)
   held = np.stack([e["image"] for e in _eval_images(size)])
   x = held.astype(np.float32) / 127.5 - 1.0
