@@ -26,7 +26,9 @@ PRETRAIN = ("pretrain_t2i", "pretrain_edit", "pretrain_joint")
 
 def variant_overrides(name: str, steps: dict[str, int], vae_dir: str) -> list[str]:
   """Config overrides of one variant (the shared VAE, the stage list, the parent chain)."""
-  common = [f"model.vae_checkpoint={vae_dir}", "eval.stage_check.enabled=False"]
+  # No distillation here: every variant is scored with the teacher sampler (28 steps, CFG).
+  common = [f"model.vae_checkpoint={vae_dir}", "eval.stage_check.enabled=False",
+            "eval.sampler.steps=28", "eval.sampler.guidance=3.5", "eval.sampler.image_guidance=1.0"]
   if name == "joint_spatial":
     total = sum(steps.values())
     return common + ["stages=pretrain_joint,eval", "pretrain_joint.parent=",
