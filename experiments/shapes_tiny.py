@@ -116,7 +116,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.vae = ml_collections.ConfigDict()
   config.vae.parent = ""
   config.vae.train = train_defaults.train_config(
-      steps=400, batch_size=32, lr=2e-3, schedule="cosine", warmup_steps=50, end_lr_ratio=0.05,
+      steps=500, batch_size=16, lr=2e-3, schedule="cosine", warmup_steps=50, end_lr_ratio=0.05,
       weight_decay=0.0, grad_clip=1.0, ema_decay=0.99, log_every=25, checkpoint_every=500,
       keep_checkpoints=1, async_checkpoints=False)
   config.vae.loss = ml_collections.ConfigDict(dict(l1_weight=1.0, mse_weight=1.0,
