@@ -1,15 +1,19 @@
-"""Trains the learned shapes reward on generator data and reports held-out AUC.
+"""Trains the learned shapes reward's scene encoder on generator data; reports AUCs.
 
-Positives are (image, its caption) from the shapes generator: T2I images with
-their GenEval-style captions and edit targets with `scene_caption`. Every
-positive comes with a negative of one of three kinds: the caption with one fact
-changed (`perturb_caption`), a render that contradicts the caption
-(`shapes_eval.corrupt_t2i`), or another example's image. Images get pixel
-noise and blur so the model also accepts the soft samples of a tiny diffusion
-model. AUC (matched vs mismatched) is measured on fresh examples from the
-evaluation seed, both on held-in (colour, shape) pairs and on the held-out split.
+Supervision is the generator's own metadata: every training image (T2I renders
+of the 'train' split, edit sources and targets) comes with its scene, which
+gives per 8x8-grid cell whether an object's centre lies in it and that object's
+colour and shape, and the background. Images get pixel noise and blur so the
+encoder also reads the soft samples of a tiny diffusion model.
 
-    python -m dreamlite_jax.rewards.train_shapes_reward --steps 1500 \
+The reward is then judged as an image-text matcher: AUC of matched vs mismatched
+(image, caption) pairs on fresh examples from the evaluation seed, on held-in
+pairs and on the held-out split (unseen colour-shape pairs, which never appear
+in training). Every positive comes with a negative of one of three kinds: the
+caption with one fact changed (`perturb_caption`), a render that contradicts
+the caption (`shapes_eval.corrupt_t2i`), or another example's image.
+
+    python -m dreamlite_jax.rewards.train_shapes_reward --steps 600 \
         --out dreamlite_jax/rewards/weights/shapes_reward.safetensors
 """
 from __future__ import annotations
@@ -92,55 +96,108 @@ def auc(scores: np.ndarray, labels: np.ndarray) -> float:
   return float((ranks[labels].sum() - pos * (pos + 1) / 2) / (pos * neg))
 
 
-def evaluate(score_fn, count: int = 300, size: int = 64) -> dict[str, float]:
+def scene_targets(scene: dict) -> dict[str, np.ndarray]:
+  """Encoder targets of one scene: center float32 [8, 8], color / shape int32 [8, 8]
+  (-1 where no object centre), background int32 []."""
+  g, h, w = learned_shapes.GRID, scene["height"], scene["width"]
+  center = np.zeros((g, g), np.float32)
+  color = np.full((g, g), -1, np.int32)
+  shape = np.full((g, g), -1, np.int32)
+  colors, kinds = list(shapes.COLORS), list(shapes.SHAPES)
+  for obj in scene["objects"]:
+    cx, cy = obj["center"]
+    i, j = min(int(cy * g / h), g - 1), min(int(cx * g / w), g - 1)
+    center[i, j] = 1.0
+    color[i, j], shape[i, j] = colors.index(obj["color"]), kinds.index(obj["shape"])
+  return {"center": center, "color": color, "shape": shape,
+          "background": np.int32(list(shapes.BACKGROUNDS).index(scene["background"]))}
+
+
+def make_training_pool(count: int, seed: int, size: int = 64) -> dict[str, np.ndarray]:
+  """`count` augmented 'train' split images [N, size, size, 3] in [-1, 1] with targets.
+
+  Half T2I renders (all categories), half edit images (source or target, so every
+  background and edit result appears)."""
+  rng = np.random.default_rng([seed, 11])
+  images, targets = [], []
+  for i in range(count):
+    if i % 2 == 0:
+      ex = shapes.make_t2i_example("train", shapes.T2I_CATEGORIES[(i // 2) % 6], seed, i, size)
+      image, scene = ex["image"], ex["metadata"]["scene"]
+    else:
+      ex = shapes.make_edit_example("train", shapes.EDIT_TYPES[(i // 2) % 7], seed, i, size)
+      side = "target" if rng.random() < 0.5 else "source"
+      image, scene = ex[side], ex["metadata"][side]
+    images.append(image)
+    targets.append(scene_targets(scene))
+  x = _augment(np.stack(images).astype(np.float32), rng) / 127.5 - 1.0
+  pool = {k: np.stack([t[k] for t in targets]) for k in targets[0]}
+  pool["images"] = x.astype(np.float32)
+  return pool
+
+
+def encoder_loss(logits: dict, batch: dict) -> tuple[jax.Array, dict]:
+  """BCE on centre cells + colour/shape CE at object cells + background CE."""
+  center = jnp.mean(optax.sigmoid_binary_cross_entropy(logits["center"], batch["center"]))
+  at_obj = (batch["color"] >= 0).astype(jnp.float32)
+  n = jnp.maximum(at_obj.sum(), 1.0)
+  ce = lambda lg, y: optax.softmax_cross_entropy_with_integer_labels(lg, jnp.maximum(y, 0))
+  color = jnp.sum(ce(logits["color"], batch["color"]) * at_obj) / n
+  shape = jnp.sum(ce(logits["shape"], batch["shape"]) * at_obj) / n
+  background = jnp.mean(ce(logits["background"], batch["background"]))
+  loss = 4.0 * center + color + shape + background
+  return loss, {"center": center, "color": color, "shape": shape, "background": background}
+
+
+def evaluate(score_fn, count: int = 300, size: int = 64, seed: int = shapes.EVAL_SEED
+             ) -> dict[str, float]:
   """AUC of `score_fn(images, captions) -> [N]` on fresh held-in and held-out pairs."""
   out = {}
   for split in shapes.SPLITS:
-    x, captions, labels = make_pairs(split, shapes.EVAL_SEED, count, size, augment=True)
+    x, captions, labels = make_pairs(split, seed, count, size, augment=True)
     scores = np.concatenate([np.asarray(score_fn(x[i:i + 200], captions[i:i + 200]))
                              for i in range(0, len(x), 200)])
     out[f"auc_{split}"] = auc(scores, labels)
   return out
 
 
-def train(steps: int = 1500, batch: int = 64, lr: float = 1e-3, seed: int = 0,
-          pool_size: int = 6000, log_every: int = 100,
+def train(steps: int = 600, batch: int = 32, lr: float = 3e-3, seed: int = 0,
+          pool_size: int = 3000, log_every: int = 20, eval_count: int = 300,
           config: learned_shapes.ShapesRewardConfig = learned_shapes.ShapesRewardConfig()
           ) -> tuple[object, dict[str, float]]:
-  """Trains from scratch; returns (params, metrics with final loss and held-out AUCs)."""
-  model = learned_shapes.ShapesRewardModel(config)
+  """Trains the encoder from scratch; returns (params, metrics: final loss and AUCs)."""
+  model = learned_shapes.SceneEncoder(config)
   params = learned_shapes.init_params(config, jax.random.PRNGKey(seed))
-  tx = optax.chain(optax.clip_by_global_norm(1.0),
-                   optax.adamw(optax.warmup_cosine_decay_schedule(0.0, lr, min(100, steps // 10), steps, lr * 0.05),
-                               weight_decay=1e-4))
+  tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adam(
+      optax.warmup_cosine_decay_schedule(0.0, lr, max(1, min(50, steps // 10)), steps, lr * 0.05)))
   opt_state = tx.init(params)
 
   @jax.jit
-  def step(params, opt_state, x, ids, mask, labels):
+  def step(params, opt_state, batch, contrast):
     def loss_fn(p):
-      logits = model.apply({"params": p}, x, ids, mask)
-      return jnp.mean(optax.sigmoid_binary_cross_entropy(logits, labels))
-    loss, grads = jax.value_and_grad(loss_fn)(params)
+      return encoder_loss(model.apply({"params": p}, batch["images"], contrast), batch)
+    (loss, parts), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
     updates, opt_state = tx.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state, loss
 
   start = time.perf_counter()
-  x_pool, cap_pool, lab_pool = make_pairs("train", seed, pool_size // 2)
-  ids_pool, mask_pool = shapes_text.tokenize(cap_pool, config.max_words)
-  print(f"data: {len(x_pool)} pairs in {time.perf_counter() - start:.1f}s")
+  pool = make_training_pool(pool_size, seed)
+  print(f"data: {pool_size} images in {time.perf_counter() - start:.1f}s", flush=True)
   rng = np.random.default_rng(seed)
   losses = []
   for i in range(steps):
-    idx = rng.integers(0, len(x_pool), batch)
+    idx = rng.integers(0, pool_size, batch)
     # No flip augmentation: "left of" must keep its meaning.
-    params, opt_state, loss = step(params, opt_state, x_pool[idx], ids_pool[idx], mask_pool[idx],
-                                   lab_pool[idx])
+    contrast = rng.uniform(0.5, 1.5, batch).astype(np.float32)  # silhouette contrast
+    params, opt_state, loss = step(params, opt_state, {k: v[idx] for k, v in pool.items()},
+                                   contrast)
     losses.append(float(loss))
     if (i + 1) % log_every == 0:
       print(f"step {i + 1}: loss {np.mean(losses[-log_every:]):.4f} "
             f"({time.perf_counter() - start:.0f}s)", flush=True)
-  score = jax.jit(lambda x, ids, m: model.apply({"params": params}, x, ids, m))
-  metrics = evaluate(lambda x, c: score(x, *shapes_text.tokenize(c, config.max_words)))
+  score = jax.jit(learned_shapes.score_fn(config))
+  metrics = evaluate(lambda x, c: score(params, x, *shapes_text.encode(c)), eval_count)
+  metrics["initial_loss"] = float(np.mean(losses[:log_every]))
   metrics["final_loss"] = float(np.mean(losses[-log_every:]))
   metrics["steps"] = steps
   return params, metrics
@@ -148,15 +205,17 @@ def train(steps: int = 1500, batch: int = 64, lr: float = 1e-3, seed: int = 0,
 
 def main(argv: Sequence[str] | None = None) -> dict[str, float]:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--steps", type=int, default=1500)
-  parser.add_argument("--batch", type=int, default=64)
-  parser.add_argument("--lr", type=float, default=1e-3)
-  parser.add_argument("--pool", type=int, default=6000, help="training pairs generated up front")
+  parser.add_argument("--steps", type=int, default=600)
+  parser.add_argument("--batch", type=int, default=32)
+  parser.add_argument("--lr", type=float, default=3e-3)
+  parser.add_argument("--pool", type=int, default=3000, help="training images generated up front")
   parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--eval-count", type=int, default=300, help="AUC pairs per split")
   parser.add_argument("--out", default=learned_shapes.WEIGHTS_PATH)
   args = parser.parse_args(argv)
   config = learned_shapes.ShapesRewardConfig()
-  params, metrics = train(args.steps, args.batch, args.lr, args.seed, args.pool, config=config)
+  params, metrics = train(args.steps, args.batch, args.lr, args.seed, args.pool,
+                          eval_count=args.eval_count, config=config)
   learned_shapes.save_weights(args.out, params, config, metrics)
   for name, value in metrics.items():
     print(f"{name}: {value:.4f}" if isinstance(value, float) else f"{name}: {value}")
