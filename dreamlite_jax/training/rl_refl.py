@@ -3,10 +3,16 @@
 Per batch: denoise from pure noise with the current model (no gradient) for a
 random number of Euler steps, stopping at a late step k of the schedule; then,
 with gradient, predict `x0 = x_k - s_k v(x_k, s_k)` in one step, decode it with
-the (frozen) VAE and score it with a differentiable reward. The reward term per
-example is `max(0, b - r)` (ImageReward's ReFL: `relu(b - r)`): it pushes the
-reward up until it reaches the threshold `b` and is exactly zero above it, so
-samples that are already good are left alone (less reward hacking). `b` is
+the (frozen) VAE and score it with a differentiable reward.
+
+The reward term per example is `max(0, b - r)`, ImageReward's ReFL
+(`relu(b - r)`). The issue writes the loss as `-max(0, r - b)` but also asks
+that "the ReFL loss is zero above the threshold"; the two disagree
+(`-max(0, r - b)` is zero *below* b and rewards overshooting without bound).
+We implement the reading that makes the stated property hold: the term pushes
+the reward up while it is below the threshold `b`, and is exactly zero (with
+zero gradient) once `r >= b`, so samples that are already good are left alone
+(less reward hacking), leaving only the pretraining regulariser. `b` is
 set separately for T2I and edit examples. The flow-matching pretraining loss on
 the same batch is added at `pretrain_weight` as a regulariser.
 

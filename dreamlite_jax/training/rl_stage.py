@@ -1,10 +1,17 @@
-"""The `rl` stage of a job: Flow-GRPO from the SFT checkpoint with the exact shapes reward.
+"""The `rl` stage of a job: Flow-GRPO or ReFL from the SFT checkpoint on the shapes world.
+
+`rl.method` picks the algorithm: "grpo" (alias "flow_grpo", the default) is
+online RL with the exact programmatic shapes reward; "refl" backpropagates a
+differentiable reward (`rl.reward.name`, default the learned shapes reward,
+`rl.reward.path` its weights) through a one-step x0 prediction at a late
+timestep, with the thresholds and regulariser weight of `rl.refl`
+(`ReFLConfig` fields). Both are scored before/after with the exact evaluator.
 
 Follows the stage-runner contract of `dreamlite_jax/stages.py`
 (`run_stage(ctx: StageContext) -> dict`). Steps:
   1. score the parent's U-Net (EMA) on the fixed held-in prompt set and the
      held-out split (`shapes_stage.evaluate`, the eval sampler) = "before";
-  2. RL iterations: draw prompts (T2I and edit, `edit_fraction`) from the
+  2. GRPO iterations: draw prompts (T2I and edit, `edit_fraction`) from the
      training generator, roll out G SDE samples each with the current params,
      decode with the VAE, reward them with `ShapesReward` (partial credit), take
      group-relative advantages and `num_minibatches` shared-train-step updates
@@ -16,7 +23,9 @@ shared orbax manager, so a re-run resumes at the last saved iteration.
 
 Section fields: parent, use_ema, iterations, prompts_per_iteration,
 edit_fraction, num_minibatches, sample_steps, checkpoint_every, grpo
-(GRPOConfig fields), train (trainer fields), eval (per_category, per_type).
+(GRPOConfig fields), train (trainer fields), eval (per_category, per_type);
+method ("grpo" | "refl"), refl (ReFLConfig fields), reward (name, path) for ReFL.
+A ReFL iteration is one train step on prompts_per_iteration examples.
 """
 from __future__ import annotations
 
@@ -32,6 +41,8 @@ from data_pipelines import shapes
 from dreamlite_jax.config import ConfigError
 from dreamlite_jax.diffusion import flow
 from dreamlite_jax.eval import shapes_stage
+from dreamlite_jax.rewards import make_reward
+from dreamlite_jax.rewards import shapes_text
 from dreamlite_jax.rewards.shapes_programmatic import ShapesReward
 from dreamlite_jax.training import checkpoints as ckpt
 from dreamlite_jax.training import mesh as mesh_lib
@@ -39,15 +50,19 @@ from dreamlite_jax.training import metrics as metrics_lib
 from dreamlite_jax.training import pretrain_loss
 from dreamlite_jax.training import pretrain_stage
 from dreamlite_jax.training import rl_grpo
+from dreamlite_jax.training import rl_refl
 from dreamlite_jax.training import state as state_lib
 from dreamlite_jax.training import step as step_lib
 
 PROMPT_SEED = 7_000_003  # RL prompts: training pairs, a stream apart from SFT data and eval
+METHODS = {"grpo": "flow_grpo", "flow_grpo": "flow_grpo", "refl": "refl"}
 
 
 def draw_prompts(iteration: int, count: int, edit_fraction: float, size: int, seed: int
                  ) -> list[dict]:
-  """`count` prompts of the training split: {"text", "metadata", "source" (edits) uint8}."""
+  """`count` prompts of the training split: {"text", "metadata", "source" (edits) uint8,
+  "target" uint8 [H, W, 3] (the generator's answer), "reward_text" (a caption of the
+  wanted result: the T2I caption, or `scene_caption` of the edit's target scene)}."""
   rng = np.random.default_rng([seed, iteration])
   out = []
   for j in range(count):
@@ -55,11 +70,14 @@ def draw_prompts(iteration: int, count: int, edit_fraction: float, size: int, se
     if rng.random() < edit_fraction:
       kind = shapes.EDIT_TYPES[int(rng.integers(len(shapes.EDIT_TYPES)))]
       ex = shapes.make_edit_example("train", kind, seed, index, size)
-      out.append({"text": ex["instruction"], "metadata": ex["metadata"], "source": ex["source"]})
+      out.append({"text": ex["instruction"], "metadata": ex["metadata"], "source": ex["source"],
+                  "target": ex["target"],
+                  "reward_text": shapes_text.scene_caption(ex["metadata"]["target"])})
     else:
       cat = shapes.T2I_CATEGORIES[int(rng.integers(len(shapes.T2I_CATEGORIES)))]
       ex = shapes.make_t2i_example("train", cat, seed, index, size)
-      out.append({"text": ex["caption"], "metadata": ex["metadata"], "source": None})
+      out.append({"text": ex["caption"], "metadata": ex["metadata"], "source": None,
+                  "target": ex["image"], "reward_text": ex["caption"]})
   return out
 
 
@@ -113,6 +131,46 @@ def _summary(scores: dict) -> dict[str, float]:
           "edit": edit.get("accuracy", 0.0), "edit_heldout": edit.get("heldout_accuracy", 0.0)}
 
 
+def _grpo_iteration(config, state, items, group, conditioner, rollout, reference, sigmas,
+                    reward, step_fn, mesh, rng, it, section) -> dict:
+  """One Flow-GRPO iteration: roll out, reward, advantages, minibatch updates."""
+  condition, cond, uncond, sources = conditioner(items, group)
+  noise = np.asarray(jax.random.normal(jax.random.PRNGKey(config.seed * 100_003 + it),
+                                       condition.shape))
+  out = rollout(jax.device_get(state.params), reference, noise, condition, sigmas, cond,
+                uncond, jax.random.PRNGKey(it + 1))
+  images = conditioner.decode(out["latents"])
+  metas = [it_["metadata"] for it_ in items for _ in range(group)]
+  rewards = reward(images, metas, sources)
+  adv = rl_grpo.group_advantages(rewards, group)
+  batch = rl_grpo.flatten_rollout(out, condition, sigmas, cond, uncond, adv)
+  state, history = rl_grpo.update(step_fn, state, batch, int(section.num_minibatches), mesh,
+                                  rng, config.seed * 7919 + it)
+  edit = np.array([m.get("edit_type") is not None for m in metas])
+  scalars = {k: float(np.mean([h[k] for h in history])) for k in history[0]}
+  scalars.update(reward=float(rewards.mean()),
+                 reward_t2i=float(rewards[~edit].mean()) if (~edit).any() else 0.0,
+                 reward_edit=float(rewards[edit].mean()) if edit.any() else 0.0,
+                 diversity=group_diversity(images, group))
+  scalars["state"] = state
+  return scalars
+
+
+def refl_batch(conditioner: "_Conditioner", reward, items: list[dict]) -> dict:
+  """The ReFL batch of `items` (`draw_prompts`): the pretraining batch (target and
+  source latents, is_edit, text features, time_ids) plus the reward's tokenized
+  `reward_text` as reward_ids [B, ...] / reward_mask [B, ...]."""
+  condition, cond, _, _ = conditioner(items, 1)
+  targets = np.stack([it["target"] for it in items])
+  latents = np.asarray(conditioner._encode(conditioner.models.vae_params,
+                                           jnp.asarray(targets, jnp.float32) / 127.5 - 1.0))
+  ids, mask = reward.tokenize([it["reward_text"] for it in items])
+  return {"latents": latents.astype(np.float32), "source_latents": condition,
+          "is_edit": np.array([it["source"] is not None for it in items], np.float32),
+          "text": cond["text"], "text_mask": cond["text_mask"], "time_ids": cond["time_ids"],
+          "reward_ids": np.asarray(ids), "reward_mask": np.asarray(mask)}
+
+
 def run_stage(ctx) -> dict:
   """Runs RL from the parent (SFT) checkpoint; returns steps, rl figures and scores."""
   section = ctx.section
@@ -122,10 +180,14 @@ def run_stage(ctx) -> dict:
   config = ctx.stage_config()
   config.init_from.ema_as_params = bool(section.use_ema)
   size = models.image_size
+  method = METHODS.get(str(section.get("method", "grpo")))
+  if method is None:
+    raise ConfigError(f"config.{ctx.name}.method={section.get('method')!r}; expected one of "
+                      f"{sorted(METHODS)}")
   grpo = rl_grpo.GRPOConfig(**section.grpo.to_dict())
   group, prompts = grpo.group_size, int(section.prompts_per_iteration)
   rows = prompts * group * int(section.sample_steps)
-  if rows % int(section.num_minibatches):
+  if method == "flow_grpo" and rows % int(section.num_minibatches):
     raise ConfigError(f"config.{ctx.name}: prompts_per_iteration * grpo.group_size * "
                       f"sample_steps = {rows} is not divisible by num_minibatches")
 
@@ -141,13 +203,26 @@ def run_stage(ctx) -> dict:
       config, manager, abstract, lambda: state_lib.create_state(init, tx, mesh, config.seed))
   reference = ckpt.load_params(ctx.parent_workdir, ema=bool(section.use_ema))
   predict = pretrain_loss.unet_predict_fn(models.unet)
+  conditioner = _Conditioner(models, size)
+  if method == "refl":
+    reward_section = section.get("reward", None)
+    reward_name = str(reward_section.name) if reward_section else "learned_shapes"
+    reward = make_reward(reward_name, str(reward_section.path) if reward_section else "")
+    if not getattr(reward, "differentiable_available", False):
+      raise ConfigError(f"config.{ctx.name}.reward.name={reward_name!r} is not differentiable; "
+                        f"ReFL needs one of learned_shapes, clip")
+    refl_config = rl_refl.ReFLConfig(**(section.refl.to_dict() if "refl" in section else {}))
+    vae, vae_params = models.vae, models.vae_params
+    decode = lambda z: vae.apply({"params": vae_params}, z, method="decode")
+    loss_fn = rl_refl.make_refl_loss(predict, decode, reward.differentiable, refl_config)
+  else:
+    reward = ShapesReward()
+    loss_fn = rl_grpo.make_grpo_loss(predict, grpo)
   step_fn = step_lib.make_train_step(
-      rl_grpo.make_grpo_loss(predict, grpo), tx, mesh, shardings,
+      loss_fn, tx, mesh, shardings,
       compute_dtype=state_lib.DTYPES[config.train.compute_dtype],
       ema_decay=config.train.ema_decay)
   rollout = rl_grpo.make_rollout(predict, grpo)
-  conditioner = _Conditioner(models, size)
-  reward = ShapesReward()
   sigmas = flow.sampling_sigmas(int(section.sample_steps), 0.0)
   rng = jax.device_put(np.asarray(jax.device_get(state.rng)), mesh_lib.replicated(mesh))
 
@@ -167,29 +242,19 @@ def run_stage(ctx) -> dict:
   for it in range(start, iterations):
     items = draw_prompts(it, prompts, float(section.edit_fraction), size,
                          PROMPT_SEED + ctx.config.seed)
-    condition, cond, uncond, sources = conditioner(items, group)
-    noise = np.asarray(jax.random.normal(jax.random.PRNGKey(config.seed * 100_003 + it),
-                                         condition.shape))
-    out = rollout(jax.device_get(state.params), reference, noise, condition, sigmas, cond,
-                  uncond, jax.random.PRNGKey(it + 1))
-    images = conditioner.decode(out["latents"])
-    metas = [it_["metadata"] for it_ in items for _ in range(group)]
-    rewards = reward(images, metas, sources)
-    adv = rl_grpo.group_advantages(rewards, group)
-    batch = rl_grpo.flatten_rollout(out, condition, sigmas, cond, uncond, adv)
-    state, history = rl_grpo.update(step_fn, state, batch, int(section.num_minibatches), mesh,
-                                    rng, config.seed * 7919 + it)
-    edit = np.array([m.get("edit_type") is not None for m in metas])
-    scalars = {k: float(np.mean([h[k] for h in history])) for k in history[0]}
-    scalars.update(reward=float(rewards.mean()),
-                   reward_t2i=float(rewards[~edit].mean()) if (~edit).any() else 0.0,
-                   reward_edit=float(rewards[edit].mean()) if edit.any() else 0.0,
-                   diversity=group_diversity(images, group))
+    if method == "refl":
+      batch = refl_batch(conditioner, reward, items)
+      state, metrics = step_fn(state, mesh_lib.shard_batch(batch, mesh), rng)
+      scalars = {k: float(np.asarray(v.addressable_data(0))) for k, v in metrics.items()}
+    else:
+      scalars = _grpo_iteration(config, state, items, group, conditioner, rollout, reference,
+                                sigmas, reward, step_fn, mesh, rng, it, section)
+      state = scalars.pop("state")
     writer.write(it + 1, scalars)
     writer.flush()
     progress.setdefault("iterations", []).append({"iteration": it + 1, **scalars})
-    print(f"[rl] iteration {it + 1}/{iterations}: reward {scalars['reward']:.3f} "
-          f"kl_ref {scalars['kl_ref']:.4f} ({time.time() - t0:.0f}s)", flush=True)
+    print(f"[rl:{method}] iteration {it + 1}/{iterations}: reward {scalars['reward']:.3f} "
+          f"loss {scalars['loss']:.4f} ({time.time() - t0:.0f}s)", flush=True)
     if (it + 1) % int(section.checkpoint_every) == 0 or it + 1 == iterations:
       ckpt.save(manager, state, {"iteration": it + 1}, config)
       manager.wait_until_finished()
@@ -210,10 +275,12 @@ def run_stage(ctx) -> dict:
         "edit_heldout_after": after_s["edit_heldout"],
         "train_reward_first": log[0]["reward"] if log else None,
         "train_reward_last": log[-1]["reward"] if log else None,
-        "kl_to_reference": log[-1]["kl_ref"] if log else None,
-        "diversity_first": log[0]["diversity"] if log else None,
-        "diversity_last": log[-1]["diversity"] if log else None,
-        "method": "flow_grpo", "reward": "shapes (programmatic, partial credit)"}
+        "kl_to_reference": log[-1].get("kl_ref") if log else None,
+        "diversity_first": log[0].get("diversity") if log else None,
+        "diversity_last": log[-1].get("diversity") if log else None,
+        "method": method,
+        "reward": ("shapes (programmatic, partial credit)" if method == "flow_grpo"
+                   else f"{type(reward).__name__} (differentiable)")}
   with open(os.path.join(ctx.workdir, "scores.json"), "w") as f:
     json.dump({"rl": rl, "before": progress["before"], "after": after}, f, indent=2)
   return {"steps": int(jax.device_get(state.step)), "final_loss": log[-1]["loss"] if log else None,
