@@ -1,5 +1,6 @@
 """The learned shapes reward: caption parsing, the agreement score, the shipped
-encoder's AUC on fresh held-out (unseen colour-shape) pairs, and retraining."""
+encoder's AUC on fresh held-out (unseen colour-shape) pairs, and retraining.
+(Its differentiability is exercised by tests/rl/test_refl.py, which runs ReFL through it.)"""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -55,20 +56,12 @@ def test_shipped_reward_auc_on_fresh_heldout_pairs(shipped):
   assert metrics["auc_train"] >= 0.95, metrics
 
 
-def test_reward_is_differentiable_in_the_image(shipped):
-  ex = shapes.make_t2i_example("heldout", "colors", 5, 0)
-  x = jnp.asarray(ex["image"][None], jnp.float32) / 127.5 - 1.0
-  codes, mask = shipped.tokenize([ex["caption"]])
-  g = jax.grad(lambda im: shipped.differentiable(im, codes, mask).sum())(x)
-  assert np.isfinite(np.asarray(g)).all() and float(jnp.abs(g).sum()) > 0
-
-
 def test_script_retrains_the_encoder_with_a_short_budget(tmp_path):
   out = str(tmp_path / "r.safetensors")
-  metrics = trainer.main(["--steps", "60", "--pool", "160", "--batch", "16", "--out", out,
-                          "--eval-count", "40"])
+  metrics = trainer.main(["--steps", "40", "--pool", "96", "--batch", "16", "--out", out,
+                          "--eval-count", "16"])
   _, _, saved = learned_shapes.load_weights(out)
-  assert saved["steps"] == 60
+  assert saved["steps"] == 40
   # Learning happens within a few seconds of CPU; the shipped weights are this script's
   # 600-step run (AUC >= 0.95 held-in and held-out, asserted above).
   assert metrics["final_loss"] < 0.7 * metrics["initial_loss"], metrics
