@@ -1,4 +1,7 @@
-"""Stage 5 at paper scale: reward fine-tuning after SFT (Flow-GRPO, with ReFL settings).
+"""Stage 5 at paper scale: reward fine-tuning after SFT (Flow-GRPO, or ReFL).
+
+`rl.method` selects the algorithm: "flow_grpo" (alias "grpo") or "refl"
+(differentiable reward `rl.reward`, thresholds and regulariser in `rl.refl`).
 
 Overlays the shared base. The online method is Flow-GRPO: 16 prompts x G = 8
 SDE samples per iteration at 1024px, 10 sampling steps with text CFG 3.5,
