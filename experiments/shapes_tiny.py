@@ -174,6 +174,11 @@ def get_config() -> ml_collections.ConfigDict:
   # RL after SFT (dreamlite_jax/training/rl_stage.py): Flow-GRPO with the exact shapes
   # reward; 8 prompts x 4 samples x 8 SDE steps = 256 transition rows per iteration.
   config.rl = ml_collections.ConfigDict(dict(
+      # method: "grpo" (Flow-GRPO, exact programmatic reward) or "refl" (ReFL through the
+      # learned differentiable shapes reward `reward`, thresholds/regulariser in `refl`).
+      method="grpo", reward=dict(name="learned_shapes", path=""),
+      refl=dict(t2i_threshold=0.9, edit_threshold=0.9, reward_weight=1.0, pretrain_weight=1.0,
+                num_steps=8, late_steps=3, shift_mu=0.0),
       parent="sft", use_ema=True, iterations=30, prompts_per_iteration=8, edit_fraction=0.5,
       sample_steps=8, num_minibatches=2, checkpoint_every=10,
       grpo=ml_collections.ConfigDict(dict(group_size=4, noise_level=0.7, clip_range=0.05,
