@@ -71,7 +71,9 @@ class SharedModels:
       if not os.path.isdir(os.path.join(self.vae_workdir, "checkpoints")):
         raise FileNotFoundError(f"no VAE checkpoint in {self.vae_workdir}: run the 'vae' stage "
                                 f"first or set config.model.vae_checkpoint")
-      self._vae_params = checkpoints.load_params(self.vae_workdir, ema=True)
+      # Host numpy: uncommitted, so jitted VAE calls follow the other arguments' devices
+      # (e.g. latents sampled with params sharded over the whole mesh).
+      self._vae_params = checkpoints.as_numpy(checkpoints.load_params(self.vae_workdir, ema=True))
     return self._vae_params
 
   @property
