@@ -1,0 +1,89 @@
+"""The main job end to end at the smoke preset, and the skip/resume behaviour of the stage runner."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+
+import pytest
+
+from dreamlite_jax import main as main_lib
+from dreamlite_jax import stages
+from dreamlite_jax.config import ConfigError
+
+CONFIG = os.path.join(os.path.dirname(__file__), "..", "experiments", "shapes_tiny.py")
+
+
+def _run(workdir: str, *extra: str) -> dict:
+  return main_lib.main(["--config", CONFIG, "--workdir", workdir, "--config.preset=smoke", *extra])
+
+
+@pytest.fixture(scope="module")
+def smoke_job(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("job") / "smoke")
+  records = _run(workdir)
+  return workdir, records
+
+
+def _finite_leaves(tree, path=""):
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      yield from _finite_leaves(value, f"{path}{key}.")
+    elif value is not None:
+      yield f"{path}{key}", value
+
+
+def test_smoke_job_writes_report_and_finite_scores(smoke_job):
+  workdir, records = smoke_job
+  config = stages.load_job_config(CONFIG, ["--config.preset=smoke"])
+  assert list(records) == stages.parse_stages(config.stages)
+  for name in ("report.md", "scores.json", "loss_curves.png", "config.json"):
+    assert os.path.getsize(os.path.join(workdir, name)) > 0, name
+  with open(os.path.join(workdir, "scores.json")) as f:
+    scores = json.load(f)
+  for key in ("overall", "heldout_overall", "single_object", "color_attr", "heldout_colors"):
+    assert 0.0 <= scores["t2i"][key] <= 1.0, key
+  for key in ("accuracy", "heldout_accuracy", "recolor", "move", "heldout_add"):
+    assert 0.0 <= scores["edit"][key] <= 1.0, key
+  assert set(scores["rl"]) == {"before", "after"}
+  assert set(scores["distill"]) == {"teacher", "teacher_naive_4step", "student_4step"}
+  assert scores["convert"]["gpu_check_findings"] == 0
+  assert scores["convert"]["max_abs_err_fp32"] < 1e-3
+  assert scores["wall_time_s"] > 0
+  for name, value in _finite_leaves(scores):
+    assert isinstance(value, (int, float)) and math.isfinite(value), name
+  for f in records["convert"]["results"]["convert"]["files"]:
+    assert os.path.getsize(os.path.join(workdir, "convert", f["file"])) > 0
+  report = open(os.path.join(workdir, "report.md")).read()
+  for name in records:
+    assert f"| {name} |" in report
+  for grid in records["eval"]["results"]["sample_grids"]:
+    assert os.path.getsize(os.path.join(workdir, "eval", grid)) > 0
+
+
+def test_rerun_after_deleting_last_stage_reruns_only_it(smoke_job):
+  workdir, records = smoke_job
+  last = list(records)[-1]
+  before = {n: os.path.getmtime(stages.done_path(workdir, n)) for n in records}
+  shutil.rmtree(os.path.join(workdir, last))
+  messages = []
+  config = stages.load_job_config(CONFIG, ["--config.preset=smoke"])
+  again = stages.run_job(config, workdir, log=messages.append)
+  skipped = [n for n in records if f"[job] {n}: finished earlier" in " ".join(messages)]
+  assert skipped == [n for n in records if n != last]
+  assert any(m.startswith(f"[job] {last}: starting") for m in messages)
+  for name in records:
+    mtime = os.path.getmtime(stages.done_path(workdir, name))
+    assert (mtime == before[name]) == (name != last), name
+  assert again[last]["results"].keys() == records[last]["results"].keys()
+
+
+def test_unknown_stage_and_missing_parent_fail_loudly(tmp_path):
+  with pytest.raises(ConfigError, match="unknown stage"):
+    stages.parse_stages("vae,pretrain_everything")
+  config = stages.load_job_config(CONFIG, ["--config.preset=smoke"])
+  with pytest.raises(ConfigError, match="pretrain_joint"):
+    stages.run_job(config, str(tmp_path), stages="sft")
+  with pytest.raises(ConfigError, match="unknown; known presets"):
+    stages.load_job_config(CONFIG, ["--config.preset=huge"])
