@@ -131,17 +131,6 @@ def get_config() -> ml_collections.ConfigDict:
   config.sft = _unet_stage("pretrain_joint", steps=200, lr=3e-4, edit_fraction=0.5,
                            warmup=20, schedule="constant", image_dropout=0.05, init_from_ema=True)
 
-  config.rl = ml_collections.ConfigDict(dict(
-      parent="sft", use_ema=True, iterations=6, prompts_per_iteration=8, edit_fraction=0.5,
-      sample_steps=8, num_minibatches=4, checkpoint_every=2,
-      grpo=dict(group_size=4, noise_level=0.7, clip_range=0.05, adv_clip=5.0, kl_beta=0.04,
-                guidance=3.5, image_guidance=0.0),
-      train=train_defaults.train_config(
-          steps=1, batch_size=64, lr=1e-4, schedule="constant", warmup_steps=0,
-          weight_decay=0.0, grad_clip=1.0, ema_decay=0.9, log_every=1, checkpoint_every=1,
-          keep_checkpoints=1, async_checkpoints=False),
-      eval=dict(per_category=4, per_type=2)))
-
   size = config.data.image_size
   config.distill = ml_collections.ConfigDict(dict(
       parent="rl", teacher_ema=True,
@@ -179,8 +168,8 @@ def get_config() -> ml_collections.ConfigDict:
       method="grpo", reward=dict(name="learned_shapes", path=""),
       refl=dict(t2i_threshold=0.9, edit_threshold=0.9, reward_weight=1.0, pretrain_weight=1.0,
                 num_steps=8, late_steps=3, shift_mu=0.0),
-      parent="sft", use_ema=True, iterations=30, prompts_per_iteration=8, edit_fraction=0.5,
-      sample_steps=8, num_minibatches=2, checkpoint_every=10,
+      parent="sft", use_ema=True, iterations=6, prompts_per_iteration=8, edit_fraction=0.5,
+      sample_steps=8, num_minibatches=2, checkpoint_every=2,
       grpo=ml_collections.ConfigDict(dict(group_size=4, noise_level=0.7, clip_range=0.05,
                                           adv_clip=5.0, kl_beta=0.01, guidance=3.5,
                                           image_guidance=0.0)),
