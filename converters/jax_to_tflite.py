@@ -27,6 +27,8 @@ os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 import tensorflow as tf  # noqa: E402
 from jax.experimental import jax2tf  # noqa: E402
 
+from dreamlite_jax.models import layers  # noqa: E402
+
 PRECISIONS = ('fp32', 'fp16')
 FLATBUFFER_LIMIT = 2 ** 31  # bytes; flatbuffers use 32-bit signed offsets
 _HEADROOM = 64 * 2 ** 20  # graph structure, signatures, alignment padding
@@ -78,6 +80,11 @@ def convert_jax_function(fn: Callable[..., Mapping[str, Any]], params: Any,
   which the GPU delegate folds); activations stay float32 in the file.
   """
   check_fits(params, precision, label)
+  with layers.export_lowering():  # jax2tf traces lazily, inside the converter calls below
+    return _convert_jax_function(fn, params, input_specs, precision, label)
+
+
+def _convert_jax_function(fn, params, input_specs, precision, label) -> bytes:
   names = [s.name for s in input_specs]
   if len(set(names)) != len(names):
     raise ValueError(f'{label}: duplicate input names {names}')

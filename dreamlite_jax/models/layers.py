@@ -10,8 +10,10 @@ axes. Norm statistics are computed in float32 whatever the compute dtype.
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
-from typing import Any
+from typing import Any, Iterator
 
 import flax.linen as nn
 import jax
@@ -49,6 +51,43 @@ class Dense(nn.Module):
     return y
 
 
+_conv_for_export = contextvars.ContextVar("conv_for_export", default=False)
+
+
+@contextlib.contextmanager
+def export_lowering() -> Iterator[None]:
+  """Traces depthwise convs as one convolution op whatever the backend (used by the exporter).
+
+  The converters wrap every JAX -> TFLite conversion in this, so the phone gets one
+  DEPTHWISE_CONV_2D per depthwise conv. Outside it, XLA:CPU gets shifted sums (see
+  `_depthwise_as_shifted_sums`); GPU and TPU always get the convolution op.
+  """
+  token = _conv_for_export.set(True)
+  try:
+    yield
+  finally:
+    _conv_for_export.reset(token)
+
+
+def _depthwise_as_shifted_sums(x: jax.Array, kernel: jax.Array, pad: int) -> jax.Array:
+  """Stride-1 depthwise conv `[B, H, W, C] * [k, k, 1, C]` as k*k shifted multiply-adds.
+
+  Same sum as `lax.conv_general_dilated(feature_group_count=C)` (the tests check
+  both lowerings agree), but XLA:CPU runs grouped convolutions at about 1 GFLOP/s:
+  for the tiny U-Net this form made depthwise forward 55x and forward+backward
+  12x faster, about half the tiny train step on a 2-core CPU.
+  """
+  k = kernel.shape[0]
+  h, w = x.shape[1] + 2 * pad - k + 1, x.shape[2] + 2 * pad - k + 1
+  xp = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+  out = None
+  for i in range(k):
+    for j in range(k):
+      term = xp[:, i:i + h, j:j + w, :] * kernel[i, j, 0]
+      out = term if out is None else out + term
+  return out
+
+
 class Conv(nn.Module):
   """2-D convolution on NHWC with 'SAME'-style symmetric padding.
 
@@ -73,10 +112,14 @@ class Conv(nn.Module):
         "kernel", _init(nn.initializers.lecun_normal(), (*CONV_SPATIAL, CONV_IN, CONV_OUT)),
         (k, k, in_ch // groups, self.features), self.param_dtype)
     pad = (k - 1) // 2
-    y = jax.lax.conv_general_dilated(
-        x.astype(self.dtype), kernel.astype(self.dtype),
-        window_strides=(self.stride, self.stride), padding=((pad, pad), (pad, pad)),
-        dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=groups)
+    x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
+    if self.depthwise and self.stride == 1 and not _conv_for_export.get() and (
+        jax.default_backend() == "cpu"):
+      y = _depthwise_as_shifted_sums(x, kernel, pad)
+    else:
+      y = jax.lax.conv_general_dilated(
+          x, kernel, window_strides=(self.stride, self.stride), padding=((pad, pad), (pad, pad)),
+          dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=groups)
     if self.use_bias:
       bias = self.param("bias", _init(nn.initializers.zeros, (CONV_OUT,)),
                         (self.features,), self.param_dtype)

@@ -102,3 +102,31 @@ def test_grouped_attention_matches_dense_reference(kv_heads):
   o = jnp.einsum("bhnm,bmhd->bnhd", jax.nn.softmax(s, -1), v).reshape(2, 6, heads * d)
   ref = o @ p["to_out"]["kernel"] + p["to_out"]["bias"]
   np.testing.assert_allclose(out, ref, atol=1e-5)
+
+
+def test_depthwise_conv_lowerings_agree_and_export_keeps_one_conv_op():
+  """XLA:CPU trains depthwise convs as shifted sums; the exporter traces one conv op.
+
+  Both must compute the same thing (values and gradients), and under
+  `export_lowering` the jaxpr must hold the grouped convolution (TFLite's
+  DEPTHWISE_CONV_2D) and no pad/slice chain.
+  """
+  conv = layers.Conv(12, 3, use_bias=False, depthwise=True)
+  x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 5, 7, 12)), jnp.float32)
+  params = conv.init(jax.random.key(0), x)
+  loss = lambda p, x: jnp.sum(jnp.sin(conv.apply(p, x)))
+
+  def prims(fn, *args):
+    return {e.primitive.name for e in _eqns(jax.make_jaxpr(fn)(*args).jaxpr)}
+
+  assert jax.default_backend() == "cpu"
+  assert "conv_general_dilated" not in prims(conv.apply, params, x)
+  with layers.export_lowering():
+    assert "conv_general_dilated" in prims(conv.apply, params, x)
+    exported = conv.apply(params, x)
+    exported_grads = jax.grad(loss, argnums=(0, 1))(params, x)
+  trained = conv.apply(params, x)
+  trained_grads = jax.grad(loss, argnums=(0, 1))(params, x)
+  np.testing.assert_allclose(trained, exported, rtol=1e-5, atol=1e-5)
+  for a, b in zip(jax.tree.leaves(trained_grads), jax.tree.leaves(exported_grads)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
