@@ -159,6 +159,7 @@ def load_params(checkpoint_dir: str, step: int = -1, ema: bool = False) -> Any:
 
 def restore_or_init(config: ml_collections.ConfigDict, manager: ocp.CheckpointManager,
                     abstract_state: TrainState, create: Callable[[], TrainState],
+                    start_from: Callable[[Any, Any], TrainState],
                     ) -> tuple[TrainState, Any, str]:
   """The resume order, written once. Returns (state, data_state or None, source).
 
@@ -167,6 +168,7 @@ def restore_or_init(config: ml_collections.ConfigDict, manager: ocp.CheckpointMa
      a fresh state (new optimiser, step 0); `init_from.ema_as_params` starts
      the params from the parent's EMA;
   3. a fresh state from `create()`.
+  `start_from(params, ema_params)` builds the fresh state of case 2.
   """
   if manager.latest_step() is not None:
     state, data_state = restore(manager, abstract_state)
@@ -177,12 +179,11 @@ def restore_or_init(config: ml_collections.ConfigDict, manager: ocp.CheckpointMa
     if not os.path.isdir(directory):
       raise ConfigError(f"config.init_from.workdir = {init_from.workdir!r}: no such checkpoint "
                         f"directory")
-    state = create()
     abstract = {"params": abstract_state.params, "ema_params": abstract_state.ema_params}
     parent = _restore_params_and_ema(directory, init_from.step, abstract)
     params = parent["ema_params"] if init_from.ema_as_params else parent["params"]
     # Distinct buffers: the step donates params and EMA separately.
-    state = state.replace(params=jax.tree.map(jnp.copy, params), ema_params=parent["ema_params"])
+    state = start_from(jax.tree.map(jnp.copy, params), parent["ema_params"])
     return state, None, f"initialised from {directory} (params + EMA)"
   return create(), None, "fresh init"
 

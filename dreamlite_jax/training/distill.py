@@ -406,11 +406,9 @@ def create_distill_state(init_params: Callable[[jax.Array], Any], teacher_params
   def fake_init(rng):
     return fake_params_from(init_params(rng), config, feature_dim, jax.random.fold_in(rng, 1))
 
-  _, s_shard = state_lib.state_shardings(init_params, tx_student, mesh)
-  _, f_shard = state_lib.state_shardings(fake_init, tx_fake, mesh)
-  student = state_lib.create_state(init_params, tx_student, mesh, seed)
-  fake = state_lib.create_state(fake_init, tx_fake, mesh, seed + 1)
-  if jax.tree.structure(teacher_params) != jax.tree.structure(student.params):
+  s_abstract, s_shard = state_lib.state_shardings(init_params, tx_student, mesh)
+  f_abstract, f_shard = state_lib.state_shardings(fake_init, tx_fake, mesh)
+  if jax.tree.structure(teacher_params) != jax.tree.structure(s_abstract.params):
     raise ValueError("teacher params do not have the student model's structure")
 
   def copy_into(value, like):
@@ -420,11 +418,15 @@ def create_distill_state(init_params: Callable[[jax.Array], Any], teacher_params
     return jax.device_put(jnp.array(value, dtype=like.dtype, copy=True), like.sharding)
 
   teacher_copy = lambda like: jax.tree.map(copy_into, teacher_params, like)
-  # The optimiser moments start at zero whatever the params, so they are kept.
-  student = student.replace(params=teacher_copy(student.params),
-                            ema_params=teacher_copy(student.ema_params))
-  fake_params = dict(fake.params, score=teacher_copy(fake.params["score"]))
-  fake = fake.replace(params=fake_params, ema_params=jax.tree.map(jnp.copy, fake_params))
+  student = state_lib.state_from_params(teacher_copy(s_abstract.params),
+                                        teacher_copy(s_abstract.ema_params), tx_student, s_shard,
+                                        seed)
+  head_rng = jax.random.fold_in(jax.random.PRNGKey(seed + 1), 1)
+  fake_params = fake_params_from(teacher_copy(s_abstract.params), config, feature_dim, head_rng)
+  fake_params = jax.tree.map(lambda x, like: jax.device_put(x, like.sharding), nn.unbox(fake_params),
+                             f_abstract.params)
+  fake = state_lib.state_from_params(fake_params, jax.tree.map(jnp.copy, fake_params), tx_fake,
+                                     f_shard, seed + 1)
   state = DistillState(student=student, fake=fake)
   shardings = DistillState(student=s_shard, fake=f_shard)
   state = jax.device_put(state, shardings)

@@ -200,7 +200,8 @@ def run_stage(ctx) -> dict:
   abstract, shardings = state_lib.state_shardings(init, tx, mesh)
   manager = ckpt.make_manager(ckpt.checkpoint_dir(ctx.workdir), keep=1, async_save=False)
   state, data_state, source = ckpt.restore_or_init(
-      config, manager, abstract, lambda: state_lib.create_state(init, tx, mesh, config.seed))
+      config, manager, abstract, lambda: state_lib.create_state(init, tx, mesh, config.seed),
+      lambda p, e: state_lib.state_from_params(p, e, tx, shardings, config.seed))
   reference = ckpt.load_params(ctx.parent_workdir, ema=bool(section.use_ema))
   predict = pretrain_loss.unet_predict_fn(models.unet)
   conditioner = _Conditioner(models, size)

@@ -127,7 +127,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, loss_fn: step_lib.Los
                               async_save=train_cfg.async_checkpoints)
   state, data_state, source = ckpt.restore_or_init(
       config, manager, abstract_state,
-      lambda: state_lib.create_state(init_params, tx, mesh, config.seed))
+      lambda: state_lib.create_state(init_params, tx, mesh, config.seed),
+      lambda p, e: state_lib.state_from_params(p, e, tx, shardings, config.seed))
   if data_state is not None:
     if not hasattr(data_iter, "set_state"):
       raise TypeError("the checkpoint holds a data iterator state but data_iter has no set_state()")
