@@ -8,9 +8,10 @@ type of the existing field.
 from __future__ import annotations
 
 import ast
+import dataclasses
 import importlib.util
 import os
-from typing import Iterable, Sequence
+from typing import Any, Iterable, Sequence, TypeVar
 
 import ml_collections
 
@@ -101,3 +102,19 @@ def load_config(path: str, overrides: Sequence[str] = ()) -> ml_collections.Conf
   from dreamlite_jax import config_schema  # local: keeps config loading pure
   config_schema.validate(config)
   return config
+
+
+_Dataclass = TypeVar("_Dataclass")
+
+
+def dataclass_from_dict(cls: type[_Dataclass], d: Any) -> _Dataclass:
+  """`cls(**d)` for a frozen config dataclass, from a dict / ConfigDict (lists -> tuples).
+
+  Unknown keys raise a ValueError that names them and the class.
+  """
+  d = dict(d)
+  names = {f.name for f in dataclasses.fields(cls)}
+  unknown = sorted(set(d) - names)
+  if unknown:
+    raise ValueError(f"unknown {cls.__name__} field(s): {unknown}")
+  return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})

@@ -117,8 +117,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.vae = ml_collections.ConfigDict()
   config.vae.parent = ""
   config.vae.train = train_defaults.train_config(
-      steps=700, batch_size=32, lr=3e-3, schedule="cosine", warmup_steps=50, end_lr_ratio=0.05,
-      weight_decay=0.0, grad_clip=1.0, ema_decay=0.99, log_every=25, checkpoint_every=500,
+      steps=800, batch_size=32, lr=3e-3, schedule="cosine", warmup_steps=50, end_lr_ratio=0.05,
+      weight_decay=0.0, grad_clip=1.0, ema_decay=0.9, log_every=25, checkpoint_every=500,
       keep_checkpoints=1, async_checkpoints=False)
   # 32x32 crops of the 64x64 images: a quarter of the cost per image (the VAE is convolutional).
   config.vae.data = ml_collections.ConfigDict(dict(crop_size=32))

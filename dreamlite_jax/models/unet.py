@@ -16,6 +16,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
+from dreamlite_jax import config as config_lib
 from dreamlite_jax.models import layers
 
 # Block kinds per level. "cross" = cross-attention only transformer blocks (the
@@ -87,12 +88,7 @@ class UNetConfig:
   @classmethod
   def from_dict(cls, d) -> "UNetConfig":
     """Builds a config from a dict / ConfigDict, converting lists to tuples."""
-    d = dict(d)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(d) - names)
-    if unknown:
-      raise ValueError(f"unknown UNetConfig field(s): {unknown}")
-    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+    return config_lib.dataclass_from_dict(cls, d)
 
 
 def _dtype(name: str) -> Any:

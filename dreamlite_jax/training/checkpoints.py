@@ -16,6 +16,7 @@ from __future__ import annotations
 import base64
 import dataclasses
 import json
+import logging
 import os
 from typing import Any, Callable
 
@@ -118,8 +119,33 @@ def _resolve_checkpoints(path: str) -> str:
   return nested if os.path.isdir(nested) else path
 
 
+class _QuietPartialRestore(logging.Filter):
+  """Drops orbax's warnings about what a read-only, partial restore deliberately skips.
+
+  Reading a parent's params warns that the manager is read-only and that the
+  `config` and `data` items "could not be restored"; both are expected here,
+  and a newcomer's console should not read as if something failed.
+  """
+  EXPECTED = ("read_only=True", "Given directory is read only",
+              "was found in the checkpoint, but could not be restored")
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    message = record.getMessage()
+    return not any(text in message for text in self.EXPECTED)
+
+
 def _restore_params_and_ema(directory: str, step: int, abstract: dict[str, Any] | None) -> dict:
   """Reads only `params` and `ema_params` of the state item (partial restore)."""
+  quiet = _QuietPartialRestore()
+  absl_logger = logging.getLogger("absl")
+  absl_logger.addFilter(quiet)
+  try:
+    return _read_params_and_ema(directory, step, abstract)
+  finally:
+    absl_logger.removeFilter(quiet)
+
+
+def _read_params_and_ema(directory: str, step: int, abstract: dict[str, Any] | None) -> dict:
   with ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True),
                              item_handlers={"state": ocp.PyTreeCheckpointHandler()}) as manager:
     if step < 0:

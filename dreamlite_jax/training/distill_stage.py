@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from tqdm import tqdm
 
 from data_pipelines import shapes
 from dreamlite_jax.config import ConfigError
@@ -235,19 +236,29 @@ def train_student(ctx: Any, pipe: Any, objective: distill.DistillConfig, teacher
   writer = metrics_lib.MetricsWriter(ctx.workdir, enabled=jax.process_index() == 0)
   start = step = int(jax.device_get(state.step))
   metrics: dict[str, float] = {}
+  is_main = jax.process_index() == 0
+  # The first step compiles student, fake score and teacher together (minutes on CPU).
+  bar = tqdm(total=train_cfg.steps, initial=start, desc=os.path.basename(ctx.workdir),
+             disable=not (is_main and train_cfg.progress_bar), dynamic_ncols=True)
+  if is_main and start < train_cfg.steps:
+    bar.write(f"[distill] compiling the student + fake-score step "
+              f"({objective.fake_updates} fake updates per student update)")
   try:
     while step < train_cfg.steps:
       batch = mesh_lib.shard_batch(pool_batch(pool, step, train_cfg.batch_size, section.data.seed),
                                    mesh)
       state, out = step_fn(state, teacher, batch)
       step += 1
+      bar.update(1)
       if step % train_cfg.log_every == 0 or step == train_cfg.steps:
         metrics = {k: float(np.asarray(v.addressable_data(0))) for k, v in out.items()}
         writer.write(step, metrics)
         writer.flush()
+        bar.set_postfix(loss=f"{metrics.get('loss', float('nan')):.4f}")
       if step % train_cfg.checkpoint_every == 0 or step == train_cfg.steps:
         ckpt.save(manager, state, None, ctx.config)
   finally:
+    bar.close()
     manager.wait_until_finished()
     manager.close()
     writer.close()

@@ -11,6 +11,7 @@ from PIL import Image
 from dreamlite_jax import pipeline as pipeline_lib
 from dreamlite_jax.models.qwen3_vl import Qwen3VLConfig
 from dreamlite_jax.models.text_conditioning import TextEncoder
+from stand_ins import StandInVAE
 
 SIZE = 32
 
@@ -26,24 +27,6 @@ class StandInUNet(nn.Module):
     h = h + nn.Dense(8)(pooled)[:, None, None] + nn.Dense(8)(timestep[:, None] / 1000.0)[:, None, None]
     h = h + nn.Dense(8)(time_ids / 1024.0)[:, None, None]
     return nn.Conv(4, (3, 3))(nn.silu(h))
-
-
-class StandInVAE(nn.Module):
-
-  def setup(self):
-    self.enc = nn.Dense(4)
-    self.dec = nn.Dense(3)
-
-  def encode(self, x):
-    b, h, w, _ = x.shape
-    return self.enc(x.reshape(b, h // 8, 8, w // 8, 8, 3).mean((2, 4)))
-
-  def decode(self, z):
-    b, h, w, _ = z.shape
-    return jnp.tanh(jax.image.resize(self.dec(z), (b, h * 8, w * 8, 3), "nearest"))
-
-  def __call__(self, x):
-    return self.decode(self.encode(x))
 
 
 @functools.lru_cache(maxsize=1)

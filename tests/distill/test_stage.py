@@ -25,6 +25,7 @@ from dreamlite_jax.training import distill_stage
 from dreamlite_jax.training import state as state_lib
 from experiments import dreamlite_1024_distill
 from experiments import train_defaults
+from stand_ins import StandInVAE
 
 SIZE = 32
 
@@ -40,24 +41,6 @@ class StandInUNet(nn.Module):
     h = h + nn.Dense(8)(pooled)[:, None, None] + nn.Dense(8)(timestep[:, None] / 1000.0)[:, None, None]
     h = nn.Dense(8, name="mid_block")(nn.silu(h))
     return nn.Conv(4, (3, 3))(nn.silu(h))
-
-
-class StandInVAE(nn.Module):
-
-  def setup(self):
-    self.enc = nn.Dense(4)
-    self.dec = nn.Dense(3)
-
-  def encode(self, x):
-    b, h, w, _ = x.shape
-    return self.enc(x.reshape(b, h // 8, 8, w // 8, 8, 3).mean((2, 4)))
-
-  def decode(self, z):
-    b, h, w, _ = z.shape
-    return jnp.tanh(jax.image.resize(self.dec(z), (b, h * 8, w * 8, 3), "nearest"))
-
-  def __call__(self, x):
-    return self.decode(self.encode(x))
 
 
 @pytest.fixture(scope="module")

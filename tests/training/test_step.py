@@ -99,3 +99,20 @@ def test_bfloat16_compute_keeps_float32_master_params():
   # Updates smaller than bf16 resolution still accumulate in the fp32 master copy.
   delta = np.abs(bf16.params["mlp_in"] - _initial_state().params["mlp_in"])
   assert delta.max() > 1e-3
+
+
+def test_state_from_params_equals_a_fresh_state_around_the_same_params():
+  """What a stage initialised from its parent starts with, without running the initialisers."""
+  init_params, _ = fx.make_model_fns()
+  mesh = mesh_lib.make_mesh(train_defaults.mesh_config(data=1), jax.devices()[:1])
+  tx = state_lib.make_optimizer(fx.tiny_config().train)
+  _, shardings = state_lib.state_shardings(init_params, tx, mesh)
+  fresh = _initial_state()
+  params = jax.tree.map(lambda x: x + 1.0, fresh.params)
+  ema = jax.tree.map(lambda x: x - 1.0, fresh.params)
+  built = ckpt.as_numpy(state_lib.state_from_params(params, ema, tx, shardings, seed=0))
+  assert int(built.step) == 0 and int(built.skipped) == 0
+  np.testing.assert_array_equal(built.rng, fresh.rng)
+  jax.tree.map(np.testing.assert_array_equal, built.params, params)
+  jax.tree.map(np.testing.assert_array_equal, built.ema_params, ema)
+  jax.tree.map(np.testing.assert_array_equal, built.opt_state, fresh.opt_state)
