@@ -46,6 +46,7 @@ from dreamlite_jax.diffusion import packing
 from dreamlite_jax.diffusion import sampling
 from dreamlite_jax.training import mesh as mesh_lib
 from dreamlite_jax.training import state as state_lib
+from dreamlite_jax.training import step as step_lib
 
 # (params, canvas [B, H, 2W, C], timestep [B], cond) -> velocity [B, H, 2W, C]
 PredictFn = Callable[[Any, jax.Array, jax.Array, dict], jax.Array]
@@ -433,27 +434,6 @@ def create_distill_state(init_params: Callable[[jax.Array], Any], teacher_params
   return state, shardings
 
 
-def _apply_gradients(ts: state_lib.TrainState, loss: jax.Array, grads: Any,
-                     tx: optax.GradientTransformation, ema_decay: float
-                     ) -> tuple[state_lib.TrainState, jax.Array, jax.Array]:
-  """One optimiser update with the NaN/inf guard and EMA of `step.make_train_step`.
-
-  Returns (new state, grad norm, finite flag).
-  """
-  grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, ts.params)
-  grad_norm = optax.tree.norm(grads)
-  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-  safe = jax.tree.map(lambda g: jnp.where(finite, g, jnp.zeros_like(g)), grads)
-  updates, opt_state = tx.update(safe, ts.opt_state, ts.params)
-  params = optax.apply_updates(ts.params, updates)
-  ema = state_lib.update_ema(ts.ema_params, params, ema_decay)
-  keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
-  ts = ts.replace(step=ts.step + 1, params=keep(params, ts.params),
-                  opt_state=keep(opt_state, ts.opt_state), ema_params=keep(ema, ts.ema_params),
-                  skipped=ts.skipped + 1 - finite.astype(jnp.int32))
-  return ts, grad_norm, finite
-
-
 def distill_step(models: DistillModels, config: DistillConfig,
                  tx_student: optax.GradientTransformation, tx_fake: optax.GradientTransformation,
                  state: DistillState, teacher_params: Any, batch: dict, *,
@@ -482,7 +462,7 @@ def distill_step(models: DistillModels, config: DistillConfig,
                              cond, config, k_loss)
 
     (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(fake.params)
-    fake, grad_norm, finite = _apply_gradients(fake, loss, grads, tx_fake, ema_decay)
+    fake, grad_norm, finite = step_lib.apply_gradients(fake, loss, grads, tx_fake, ema_decay)
     return fake, dict(metrics, fake_grad_norm=grad_norm, fake_finite=finite.astype(jnp.float32))
 
   fake, fake_metrics = jax.lax.scan(fake_update, state.fake, jnp.arange(config.fake_updates))
@@ -491,7 +471,8 @@ def distill_step(models: DistillModels, config: DistillConfig,
     return student_loss(models, cast(p), teacher, fake.params, batch, config, k_student)
 
   (loss, metrics), grads = jax.value_and_grad(s_loss, has_aux=True)(state.student.params)
-  student, grad_norm, finite = _apply_gradients(state.student, loss, grads, tx_student, ema_decay)
+  student, grad_norm, finite = step_lib.apply_gradients(state.student, loss, grads, tx_student,
+                                                        ema_decay)
   out = {k: jnp.mean(v.astype(jnp.float32)) for k, v in metrics.items()}
   out.update({k: jnp.mean(v.astype(jnp.float32)) for k, v in fake_metrics.items()})
   out.update(loss=loss.astype(jnp.float32), grad_norm=grad_norm,

@@ -34,6 +34,31 @@ def _microbatches(batch: Any, accum_steps: int, mesh: Mesh) -> Any:
   return jax.tree.map(split, batch)
 
 
+def apply_gradients(state: TrainState, loss: jax.Array, grads: Any,
+                    tx: optax.GradientTransformation, ema_decay: float
+                    ) -> tuple[TrainState, jax.Array, jax.Array]:
+  """One optimiser update + EMA, dropped whole if the loss or gradients are not finite.
+
+  Every trainer (this step, the distillation step) updates through here, so the
+  NaN/inf guard and the `skipped` count mean the same thing everywhere.
+  Returns (new state, global grad norm, finite flag).
+  """
+  grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, state.params)
+  grad_norm = optax.tree.norm(grads)
+  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+  # Zeroed grads keep the optimiser arithmetic finite; the update is dropped anyway.
+  safe_grads = jax.tree.map(lambda g: jnp.where(finite, g, jnp.zeros_like(g)), grads)
+  updates, opt_state = tx.update(safe_grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  ema = update_ema(state.ema_params, params, ema_decay)
+  keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+  new_state = state.replace(step=state.step + 1, params=keep(params, state.params),
+                            opt_state=keep(opt_state, state.opt_state),
+                            ema_params=keep(ema, state.ema_params),
+                            skipped=state.skipped + (1 - finite.astype(jnp.int32)))
+  return new_state, grad_norm, finite
+
+
 def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, mesh: Mesh,
                     state_shardings: TrainState, *, accum_steps: int = 1,
                     compute_dtype: jnp.dtype = jnp.float32, ema_decay: float = 0.999,
@@ -71,22 +96,10 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, mesh: Mes
         total, _ = jax.lax.scan(body, zero, (jnp.arange(accum_steps), micro))
         loss, metrics, grads = jax.tree.map(lambda x: x / accum_steps, total)
 
-    grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, state.params)
-    grad_norm = optax.tree.norm(grads)
-    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    # Zeroed grads keep the optimiser arithmetic finite; the update is dropped anyway.
-    safe_grads = jax.tree.map(lambda g: jnp.where(finite, g, jnp.zeros_like(g)), grads)
-    updates, opt_state = tx.update(safe_grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    ema = update_ema(state.ema_params, params, ema_decay)
-    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
-    skipped = state.skipped + (1 - finite.astype(jnp.int32))
-    new_state = state.replace(step=state.step + 1, params=keep(params, state.params),
-                              opt_state=keep(opt_state, state.opt_state),
-                              ema_params=keep(ema, state.ema_params), skipped=skipped)
+    new_state, grad_norm, finite = apply_gradients(state, loss, grads, tx, ema_decay)
     out = {k: jnp.mean(v.astype(jnp.float32)) for k, v in metrics.items()}
     out.update(loss=loss.astype(jnp.float32), grad_norm=grad_norm,
-               finite=finite.astype(jnp.int32), skipped=skipped)
+               finite=finite.astype(jnp.int32), skipped=new_state.skipped)
     if schedule is not None:
       out["lr"] = jnp.asarray(schedule(state.step), jnp.float32)
     return new_state, out

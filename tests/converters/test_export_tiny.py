@@ -40,6 +40,9 @@ def test_export_writes_gpu_clean_models_and_manifest(which, request):
   assert manifest['text']['encoder_length'] == 64 + TEXT_LEN
   loaded = litert.load_model(out / 'unet.tflite')
   assert sorted(loaded.input_names) == sorted(i['name'] for i in unet['inputs'])
+  # Training on CPU computes depthwise convs as shifted sums; the exported graph must
+  # still carry one DEPTHWISE_CONV_2D per separable conv (layers.export_lowering).
+  assert gpu_check.op_histogram(out / 'unet.tflite').get('DEPTHWISE_CONV_2D', 0) >= 4
 
 
 def test_fp16_stores_half_weights_and_fp32_is_tighter(export_fp32, export_fp16):
