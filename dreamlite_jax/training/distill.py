@@ -408,7 +408,7 @@ def create_distill_state(init_params: Callable[[jax.Array], Any], teacher_params
     return fake_params_from(init_params(rng), config, feature_dim, jax.random.fold_in(rng, 1))
 
   s_abstract, s_shard = state_lib.state_shardings(init_params, tx_student, mesh)
-  f_abstract, f_shard = state_lib.state_shardings(fake_init, tx_fake, mesh)
+  _, f_shard = state_lib.state_shardings(fake_init, tx_fake, mesh)
   if jax.tree.structure(teacher_params) != jax.tree.structure(s_abstract.params):
     raise ValueError("teacher params do not have the student model's structure")
 
@@ -423,15 +423,12 @@ def create_distill_state(init_params: Callable[[jax.Array], Any], teacher_params
                                         teacher_copy(s_abstract.ema_params), tx_student, s_shard,
                                         seed)
   head_rng = jax.random.fold_in(jax.random.PRNGKey(seed + 1), 1)
-  fake_params = fake_params_from(teacher_copy(s_abstract.params), config, feature_dim, head_rng)
-  fake_params = jax.tree.map(lambda x, like: jax.device_put(x, like.sharding), nn.unbox(fake_params),
-                             f_abstract.params)
+  fake_params = nn.unbox(fake_params_from(teacher_copy(s_abstract.params), config, feature_dim,
+                                          head_rng))
+  # state_from_params places both states on their shardings (jit out_shardings).
   fake = state_lib.state_from_params(fake_params, jax.tree.map(jnp.copy, fake_params), tx_fake,
                                      f_shard, seed + 1)
-  state = DistillState(student=student, fake=fake)
-  shardings = DistillState(student=s_shard, fake=f_shard)
-  state = jax.device_put(state, shardings)
-  return state, shardings
+  return DistillState(student=student, fake=fake), DistillState(student=s_shard, fake=f_shard)
 
 
 def distill_step(models: DistillModels, config: DistillConfig,
