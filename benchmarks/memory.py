@@ -47,7 +47,7 @@ def analyse(name: str, setup: Setup) -> dict[str, float]:
   abstract = step.abstract_state
   batch = step_lib.abstract_batch(make_batch(setup), step.mesh)
   rng = jax.ShapeDtypeStruct((2,), np.uint32, sharding=step.rng.sharding)
-  compiled, seconds = step_lib.compile_step(step.step_fn, abstract, batch, rng)
+  compiled, seconds = step_lib.compile_step(step.step_fn, abstract, batch, rng, step.lr)
   mem = compiled.memory_analysis()
   out = {"params": _bytes(abstract.params), "optimizer": _bytes(abstract.opt_state),
          "ema": _bytes(abstract.ema_params), "argument": mem.argument_size_in_bytes,

@@ -34,7 +34,7 @@ def matmul_fn(n: int):
 def step_flops(step) -> float:
   """FLOPs of one call of an `OurStep`, from XLA's cost analysis of its compiled program."""
   state = step.make_state()
-  compiled = step.step_fn.lower(state, step.batch, step.rng).compile()
+  compiled = step.step_fn.lower(state, step.batch, step.rng, step.lr).compile()
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   step.state = state

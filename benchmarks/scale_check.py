@@ -83,7 +83,7 @@ def _per_device_bytes(tree, shardings) -> float:
 
 
 def build(config, devices, per_device_batch: int, resolution: int):
-  """(jitted step, abstract state, shardings, abstract batch, abstract rng, mesh)."""
+  """(jitted step, abstract state, shardings, abstract batch, abstract rng and lr, mesh, host batch)."""
   unet_config = UNetConfig.from_dict(config.model.unet.to_dict())
   compute_dtype = state_lib.DTYPES[config.train.compute_dtype]
   model = DreamLiteUNet(unet_config)
@@ -116,7 +116,8 @@ def build(config, devices, per_device_batch: int, resolution: int):
                                      compute_dtype=compute_dtype,
                                      ema_decay=config.train.ema_decay)
   rng = jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=mesh_lib.replicated(mesh))
-  return step_fn, abstract_state, shardings, step_lib.abstract_batch(batch, mesh), rng, mesh, batch
+  lr = jax.ShapeDtypeStruct((), jnp.float32, sharding=mesh_lib.replicated(mesh))
+  return step_fn, abstract_state, shardings, step_lib.abstract_batch(batch, mesh), rng, lr, mesh, batch
 
 
 def main(args: argparse.Namespace) -> None:
@@ -126,7 +127,7 @@ def main(args: argparse.Namespace) -> None:
     sys.exit(f"asked for --devices {args.devices} but jax sees {len(devices)} ({devices[0].platform})")
   devices = devices[:args.devices]
   resolution = args.resolution or config.data.resolutions[-1][0]
-  step_fn, abstract_state, shardings, batch, rng, mesh, host_batch = build(
+  step_fn, abstract_state, shardings, batch, rng, lr, mesh, host_batch = build(
       config, devices, args.per_device_batch, resolution)
   n_params = state_lib.param_count(abstract_state.params)
   fraction = mesh_lib.assert_params_sufficiently_sharded(
@@ -144,7 +145,7 @@ def main(args: argparse.Namespace) -> None:
   print(f"optimizer_per_device_gib: "
         f"{_gib(_per_device_bytes(abstract_state.opt_state, shardings.opt_state))}", flush=True)
   start = time.perf_counter()
-  lowered = step_fn.lower(abstract_state, batch, rng)
+  lowered = step_fn.lower(abstract_state, batch, rng, lr)
   print(f"lower_seconds: {time.perf_counter() - start:.1f}", flush=True)
   start = time.perf_counter()
   compiled = lowered.compile()
@@ -174,11 +175,12 @@ def _time_steps(args, compiled, abstract_state, shardings, host_batch, mesh, flo
                   out_shardings=shardings)()
   batch = mesh_lib.shard_batch(host_batch, mesh)
   rng = jax.device_put(np.zeros((2,), np.uint32), mesh_lib.replicated(mesh))
-  state, metrics = compiled(state, batch, rng)
+  lr = jax.device_put(np.float32(1e-4), mesh_lib.replicated(mesh))
+  state, metrics = compiled(state, batch, rng, lr)
   jax.block_until_ready(metrics)
   start = time.perf_counter()
   for _ in range(args.steps):
-    state, metrics = compiled(state, batch, rng)
+    state, metrics = compiled(state, batch, rng, lr)
   jax.block_until_ready(metrics)
   step_time = (time.perf_counter() - start) / args.steps
   peak = args.peak_tflops or next((v for k, v in PEAK_TFLOPS.items() if k in devices[0].device_kind), 0.0)

@@ -88,12 +88,13 @@ class OurStep:
   rng: jax.Array
   mesh: Any
   abstract_state: Any  # ShapeDtypeStructs with shardings, for AOT lowering
+  lr: Any  # the step's learning-rate input
   state: Any = None
 
   def __call__(self):
     if self.state is None:
       self.state = self.make_state()
-    self.state, metrics = self.step_fn(self.state, self.batch, self.rng)
+    self.state, metrics = self.step_fn(self.state, self.batch, self.rng, self.lr)
     jax.block_until_ready((self.state, metrics))
     return metrics
 
@@ -123,7 +124,8 @@ def build_our_step(setup: Setup, params: Any | None = None, seed: int = 0) -> Ou
   step_fn = step_lib.make_train_step(loss_fn, tx, mesh, shardings, ema_decay=EMA_DECAY)
   batch = mesh_lib.shard_batch(make_batch(setup), mesh)
   rng = jax.device_put(np.zeros((2,), np.uint32), mesh_lib.replicated(mesh))
-  return OurStep(step_fn, make_state, batch, rng, mesh, abstract_state)
+  lr = step_lib.learning_rate(state_lib.make_schedule(train_config()), 0)
+  return OurStep(step_fn, make_state, batch, rng, mesh, abstract_state, lr)
 
 
 def torch_unet(unet_config: UNetConfig, seed: int = 0):

@@ -434,10 +434,13 @@ def create_distill_state(init_params: Callable[[jax.Array], Any], teacher_params
 def distill_step(models: DistillModels, config: DistillConfig,
                  tx_student: optax.GradientTransformation, tx_fake: optax.GradientTransformation,
                  state: DistillState, teacher_params: Any, batch: dict, *,
+                 student_schedule: optax.Schedule, fake_schedule: optax.Schedule,
                  compute_dtype: jnp.dtype = jnp.float32, ema_decay: float = 0.999
                  ) -> tuple[DistillState, dict]:
   """`config.fake_updates` fake-score updates, then one student update (not jitted).
 
+  `tx_student` / `tx_fake` are unit-rate transformations (`state.make_optimizer`);
+  the schedules give each model's learning rate at its own update count.
   Keys come from `fold_in(state.student.rng, state.step)`, so a resumed run
   replays the same noise. Returns (new state, scalar metrics).
   """
@@ -459,7 +462,8 @@ def distill_step(models: DistillModels, config: DistillConfig,
                              cond, config, k_loss)
 
     (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(fake.params)
-    fake, grad_norm, finite = step_lib.apply_gradients(fake, loss, grads, tx_fake, ema_decay)
+    fake, grad_norm, finite = step_lib.apply_gradients(fake, loss, grads, tx_fake,
+                                                       fake_schedule(fake.step), ema_decay)
     return fake, dict(metrics, fake_grad_norm=grad_norm, fake_finite=finite.astype(jnp.float32))
 
   fake, fake_metrics = jax.lax.scan(fake_update, state.fake, jnp.arange(config.fake_updates))
@@ -468,8 +472,8 @@ def distill_step(models: DistillModels, config: DistillConfig,
     return student_loss(models, cast(p), teacher, fake.params, batch, config, k_student)
 
   (loss, metrics), grads = jax.value_and_grad(s_loss, has_aux=True)(state.student.params)
-  student, grad_norm, finite = step_lib.apply_gradients(state.student, loss, grads, tx_student,
-                                                        ema_decay)
+  student, grad_norm, finite = step_lib.apply_gradients(
+      state.student, loss, grads, tx_student, student_schedule(state.student.step), ema_decay)
   out = {k: jnp.mean(v.astype(jnp.float32)) for k, v in metrics.items()}
   out.update({k: jnp.mean(v.astype(jnp.float32)) for k, v in fake_metrics.items()})
   out.update(loss=loss.astype(jnp.float32), grad_norm=grad_norm,
@@ -481,6 +485,7 @@ def make_distill_step(models: DistillModels, config: DistillConfig,
                       tx_student: optax.GradientTransformation,
                       tx_fake: optax.GradientTransformation, mesh: Mesh,
                       state_shardings: DistillState, teacher_shardings: Any, *,
+                      student_schedule: optax.Schedule, fake_schedule: optax.Schedule,
                       compute_dtype: jnp.dtype = jnp.float32, ema_decay: float = 0.999
                       ) -> Callable:
   """The jitted `(state, teacher_params, batch) -> (state, metrics)`.
@@ -492,6 +497,7 @@ def make_distill_step(models: DistillModels, config: DistillConfig,
   def step(state, teacher_params, batch):
     with nn.logical_axis_rules(mesh_lib.LOGICAL_AXIS_RULES):
       return distill_step(models, config, tx_student, tx_fake, state, teacher_params, batch,
+                          student_schedule=student_schedule, fake_schedule=fake_schedule,
                           compute_dtype=compute_dtype, ema_decay=ema_decay)
 
   return jax.jit(step,

@@ -232,7 +232,8 @@ def train_student(ctx: Any, pipe: Any, objective: distill.DistillConfig, teacher
     state, _ = ckpt.restore(manager, _abstract(state))
   step_fn = distill.make_distill_step(
       models, objective, tx_student, tx_fake, mesh, shardings, shardings.student.params,
-      compute_dtype=state_lib.DTYPES[train_cfg.compute_dtype], ema_decay=train_cfg.ema_decay)
+      student_schedule=state_lib.make_schedule(train_cfg),
+      fake_schedule=state_lib.make_schedule(fake_train), compute_dtype=state_lib.DTYPES[train_cfg.compute_dtype], ema_decay=train_cfg.ema_decay)
   writer = metrics_lib.MetricsWriter(ctx.workdir, enabled=jax.process_index() == 0)
   start = step = int(jax.device_get(state.step))
   metrics: dict[str, float] = {}

@@ -219,10 +219,13 @@ def run_stage(ctx) -> dict:
   else:
     reward = ShapesReward()
     loss_fn = rl_grpo.make_grpo_loss(predict, grpo)
-  step_fn = step_lib.make_train_step(
+  jitted_step = step_lib.make_train_step(
       loss_fn, tx, mesh, shardings,
       compute_dtype=state_lib.DTYPES[config.train.compute_dtype],
       ema_decay=config.train.ema_decay)
+  schedule = state_lib.make_schedule(config.train)
+  step_fn = lambda state, batch, rng: jitted_step(
+      state, batch, rng, step_lib.learning_rate(schedule, int(jax.device_get(state.step))))
   rollout = rl_grpo.make_rollout(predict, grpo)
   sigmas = flow.sampling_sigmas(int(section.sample_steps), 0.0)
   rng = jax.device_put(np.asarray(jax.device_get(state.rng)), mesh_lib.replicated(mesh))

@@ -55,8 +55,14 @@ def make_schedule(train: ml_collections.ConfigDict) -> optax.Schedule:
 
 
 def make_optimizer(train: ml_collections.ConfigDict) -> optax.GradientTransformation:
-  """Global-norm clipping (`train.grad_clip`, 0 = off) followed by AdamW."""
-  adamw = optax.adamw(make_schedule(train), b1=train.b1, b2=train.b2, eps=train.eps,
+  """Global-norm clipping (`train.grad_clip`, 0 = off) followed by unit-rate AdamW.
+
+  The learning rate is not inside: `step.apply_gradients` multiplies the update
+  by the step's `lr` (from `make_schedule`), which equals `optax.adamw(schedule)`
+  exactly (its last stage is the same scaling) and keeps the schedule out of the
+  compiled program.
+  """
+  adamw = optax.adamw(1.0, b1=train.b1, b2=train.b2, eps=train.eps,
                       weight_decay=train.weight_decay)
   if train.grad_clip > 0:
     return optax.chain(optax.clip_by_global_norm(train.grad_clip), adamw)

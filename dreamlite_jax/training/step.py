@@ -1,9 +1,13 @@
-"""The jitted train step shared by every stage: `(state, batch, rng) -> (state, metrics)`.
+"""The jitted train step shared by every stage: `(state, batch, rng, lr) -> (state, metrics)`.
 
 A stage supplies only `loss_fn(params, batch, rng) -> (loss, metrics)`. This
 module adds gradient accumulation, mixed precision, global-norm reporting, the
 NaN/inf guard (a non-finite loss or gradient drops the update and increments
 `state.skipped`), the EMA update, explicit shardings and state donation.
+
+The learning rate is a step input (the caller evaluates the schedule), not a
+constant folded into the program: stages that differ only in their schedule
+then share one compiled step through the persistent compilation cache.
 """
 from __future__ import annotations
 
@@ -13,6 +17,7 @@ from typing import Any, Callable
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
@@ -35,12 +40,14 @@ def _microbatches(batch: Any, accum_steps: int, mesh: Mesh) -> Any:
 
 
 def apply_gradients(state: TrainState, loss: jax.Array, grads: Any,
-                    tx: optax.GradientTransformation, ema_decay: float
+                    tx: optax.GradientTransformation, lr: jax.Array, ema_decay: float
                     ) -> tuple[TrainState, jax.Array, jax.Array]:
-  """One optimiser update + EMA, dropped whole if the loss or gradients are not finite.
+  """One optimiser update (`lr` times `tx`'s unit-rate direction) + EMA, dropped whole
+  if the loss or gradients are not finite.
 
   Every trainer (this step, the distillation step) updates through here, so the
-  NaN/inf guard and the `skipped` count mean the same thing everywhere.
+  NaN/inf guard and the `skipped` count mean the same thing everywhere. `tx` is
+  `state.make_optimizer`'s unit-learning-rate transformation.
   Returns (new state, global grad norm, finite flag).
   """
   grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, state.params)
@@ -49,6 +56,7 @@ def apply_gradients(state: TrainState, loss: jax.Array, grads: Any,
   # Zeroed grads keep the optimiser arithmetic finite; the update is dropped anyway.
   safe_grads = jax.tree.map(lambda g: jnp.where(finite, g, jnp.zeros_like(g)), grads)
   updates, opt_state = tx.update(safe_grads, state.opt_state, state.params)
+  updates = jax.tree.map(lambda u: (lr * u).astype(u.dtype), updates)
   params = optax.apply_updates(state.params, updates)
   ema = update_ema(state.ema_params, params, ema_decay)
   keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
@@ -61,16 +69,17 @@ def apply_gradients(state: TrainState, loss: jax.Array, grads: Any,
 
 def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, mesh: Mesh,
                     state_shardings: TrainState, *, accum_steps: int = 1,
-                    compute_dtype: jnp.dtype = jnp.float32, ema_decay: float = 0.999,
-                    schedule: optax.Schedule | None = None) -> Callable:
-  """Returns the jitted step `(state, batch, rng) -> (state, metrics)`.
+                    compute_dtype: jnp.dtype = jnp.float32, ema_decay: float = 0.999
+                    ) -> Callable:
+  """Returns the jitted step `(state, batch, rng, lr) -> (state, metrics)`.
 
   `batch` leaves are global arrays `[B, ...]` split over ('data', 'fsdp');
   `rng` is the run's base key (raw `[2]` uint32, replicated): the step's key is
   `fold_in(rng, state.step)` and microbatch `i` uses `fold_in(key, i)`.
-  `state` is donated. Metrics: `loss`, `grad_norm`, `finite` (1/0), `skipped`
-  (the running count), `lr` (if `schedule`), plus `loss_fn`'s own metrics,
-  all averaged over microbatches.
+  `lr` is this step's learning rate (a float32 scalar, e.g.
+  `state.make_schedule(train)(step)`). `state` is donated. Metrics: `loss`,
+  `grad_norm`, `finite` (1/0), `skipped` (the running count), `lr`, plus
+  `loss_fn`'s own metrics, all averaged over microbatches.
   """
   def grads_of(params, batch, key):
     def compute_loss(p):
@@ -78,7 +87,7 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, mesh: Mes
     (loss, metrics), grads = jax.value_and_grad(compute_loss, has_aux=True)(params)
     return loss, metrics, grads
 
-  def step(state: TrainState, batch: Any, rng: jax.Array):
+  def step(state: TrainState, batch: Any, rng: jax.Array, lr: jax.Array):
     key = jax.random.fold_in(rng, state.step)
     with nn.logical_axis_rules(mesh_lib.LOGICAL_AXIS_RULES):
       if accum_steps == 1:
@@ -96,17 +105,16 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, mesh: Mes
         total, _ = jax.lax.scan(body, zero, (jnp.arange(accum_steps), micro))
         loss, metrics, grads = jax.tree.map(lambda x: x / accum_steps, total)
 
-    new_state, grad_norm, finite = apply_gradients(state, loss, grads, tx, ema_decay)
+    new_state, grad_norm, finite = apply_gradients(state, loss, grads, tx, lr, ema_decay)
     out = {k: jnp.mean(v.astype(jnp.float32)) for k, v in metrics.items()}
     out.update(loss=loss.astype(jnp.float32), grad_norm=grad_norm,
-               finite=finite.astype(jnp.int32), skipped=new_state.skipped)
-    if schedule is not None:
-      out["lr"] = jnp.asarray(schedule(state.step), jnp.float32)
+               finite=finite.astype(jnp.int32), skipped=new_state.skipped,
+               lr=jnp.asarray(lr, jnp.float32))
     return new_state, out
 
   return jax.jit(step,
                  in_shardings=(state_shardings, mesh_lib.batch_sharding(mesh),
-                               mesh_lib.replicated(mesh)),
+                               mesh_lib.replicated(mesh), mesh_lib.replicated(mesh)),
                  out_shardings=(state_shardings, mesh_lib.replicated(mesh)),
                  donate_argnums=(0,))
 
@@ -117,11 +125,16 @@ def abstract_batch(batch: Any, mesh: Mesh) -> Any:
   return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), batch)
 
 
-def compile_step(step_fn: Callable, state: Any, batch: Any, rng: Any) -> tuple[Any, float]:
-  """AOT `lower(...).compile()`; arguments may be arrays or ShapeDtypeStructs.
+def learning_rate(schedule: optax.Schedule, step: int) -> np.ndarray:
+  """The step's `lr` input: the schedule evaluated on the host, float32 scalar."""
+  return np.asarray(schedule(step), np.float32)
+
+
+def compile_step(step_fn: Callable, *args: Any) -> tuple[Any, float]:
+  """AOT `lower(*args).compile()`; arguments may be arrays or ShapeDtypeStructs.
 
   Returns (compiled executable, seconds spent lowering + compiling).
   """
   start = time.perf_counter()
-  compiled = step_fn.lower(state, batch, rng).compile()
+  compiled = step_fn.lower(*args).compile()
   return compiled, time.perf_counter() - start

@@ -138,8 +138,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, loss_fn: step_lib.Los
 
   step_fn = step_lib.make_train_step(
       loss_fn, tx, mesh, shardings, accum_steps=train_cfg.accum_steps,
-      compute_dtype=state_lib.DTYPES[train_cfg.compute_dtype], ema_decay=train_cfg.ema_decay,
-      schedule=schedule)
+      compute_dtype=state_lib.DTYPES[train_cfg.compute_dtype], ema_decay=train_cfg.ema_decay)
   rng = jax.make_array_from_process_local_data(mesh_lib.replicated(mesh), _host_value(state.rng))
   start_step = int(_host_value(state.step))
   total = train_cfg.steps
@@ -176,14 +175,15 @@ def train(config: ml_collections.ConfigDict, workdir: str, loss_fn: step_lib.Los
         raise RuntimeError(f"data_iter ran out at step {step} of config.train.steps = {total}")
       batch = mesh_lib.shard_batch(host_batch, mesh)
       signature = _signature(host_batch)
+      lr = step_lib.learning_rate(schedule, step)
       if signature not in compiled:
-        compiled[signature], seconds = step_lib.compile_step(step_fn, state, batch, rng)
+        compiled[signature], seconds = step_lib.compile_step(step_fn, state, batch, rng, lr)
         compile_seconds += seconds
         writer.write(step, {"compile_seconds": seconds})
         if is_main:
           bar.write(f"[train] compiled the step for batch {[s[1] for s in signature]} "
                     f"in {seconds:.1f}s")
-      state, step_metrics = compiled[signature](state, batch, rng)
+      state, step_metrics = compiled[signature](state, batch, rng, lr)
       step += 1
       pending.append((step, step_metrics))
       if step % train_cfg.log_every == 0 or step == total:

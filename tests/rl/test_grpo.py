@@ -121,8 +121,9 @@ def test_grpo_run_raises_the_programmatic_shapes_reward():
   init = lambda rng: {"m": jnp.zeros((4,))}
   _, shardings = state_lib.state_shardings(init, tx, mesh)
   state = state_lib.create_state(init, tx, mesh, 0)
-  step_fn = step_lib.make_train_step(rl_grpo.make_grpo_loss(_toy_predict, config), tx, mesh,
-                                     shardings, ema_decay=0.0)
+  jitted_step = step_lib.make_train_step(rl_grpo.make_grpo_loss(_toy_predict, config), tx, mesh,
+                                         shardings, ema_decay=0.0)
+  step_fn = lambda state, batch, rng: jitted_step(state, batch, rng, np.float32(train.lr))
   rollout = rl_grpo.make_rollout(_toy_predict, config)
   ref = jax.device_get(state.params)
   reward = ShapesReward()

@@ -39,7 +39,8 @@ def _run(mesh_config, devices, accum_steps=1, batches=(0, 1), nan_at=(), compute
     batch = fx.make_batch(index, config.train.batch_size)
     if index in nan_at:
       batch["latents"][3, 1, 2, 0] = np.inf
-    state, metrics = train_step(state, mesh_lib.shard_batch(batch, mesh), rng)
+    lr = step_lib.learning_rate(state_lib.make_schedule(config.train), int(state.step))
+    state, metrics = train_step(state, mesh_lib.shard_batch(batch, mesh), rng, lr)
     metrics = jax.device_get(metrics)
     losses.append(float(metrics["loss"]))
     history.append(metrics)
