@@ -36,13 +36,11 @@ SMOKE = (
     "model.unet.transformer_depth=(1, 1)", "model.unet.layers_per_block=1",
     "vae.train.steps=6", "vae.train.batch_size=8", "vae.train.warmup_steps=2",
     "vae.data.crop_size=16",
-    # Identical train/loss settings in the four U-Net stages give identical train-step
-    # programs, so the persistent compilation cache compiles the step once.
     *[f"{s}.{field}" for s in _UNET_STAGES for field in (
-        "train.steps=4", "train.batch_size=8", "train.warmup_steps=1", "train.lr=0.001",
-        "train.schedule=cosine", "loss.image_dropout=0.05")],
+        "train.steps=4", "train.batch_size=8", "train.warmup_steps=1")],
     "rl.iterations=1", "rl.prompts_per_iteration=2", "rl.sample_steps=2", "rl.num_minibatches=1",
     "rl.grpo.group_size=2", "rl.eval.per_category=1", "rl.eval.per_type=1",
+    "rl.eval.sampler.steps=2", "rl.eval.sampler.batch_size=8",
     "distill.train.steps=2", "distill.train.batch_size=8", "distill.objective.fake_updates=1",
     "distill.objective.regression_steps=2", "distill.data.pool_size=8",
     "distill.eval.per_category=1", "distill.eval.per_type=1", "distill.eval.teacher_steps=2",
@@ -65,19 +63,21 @@ def _sampler(steps: int, guidance: float, image_guidance: float, batch_size: int
 
 
 def _unet_stage(parent: str, steps: int, lr: float, edit_fraction: float, *,
-                warmup: int = 100, schedule: str = "cosine", text_dropout: float = 0.1,
-                image_dropout: float = 0.0, batch_size: int = 32, init_from_ema: bool = False
+                warmup: int = 100, schedule: str = "cosine", init_from_ema: bool = False
                 ) -> ml_collections.ConfigDict:
+  """One U-Net stage. Everything but the data mix and the learning-rate schedule is the
+  same in all four, so they compile to one train-step program (the learning rate is a
+  step input) and the persistent compilation cache compiles it once per job."""
   section = ml_collections.ConfigDict()
   section.parent = parent
   section.init_from_ema = init_from_ema
   section.train = train_defaults.train_config(
-      steps=steps, batch_size=batch_size, lr=lr, schedule=schedule, warmup_steps=warmup,
+      steps=steps, batch_size=32, lr=lr, schedule=schedule, warmup_steps=warmup,
       end_lr_ratio=0.1, weight_decay=0.0, grad_clip=1.0, ema_decay=0.995, log_every=25,
       checkpoint_every=500, keep_checkpoints=1, async_checkpoints=False)
   section.loss = ml_collections.ConfigDict(dict(
       timestep_sampling="logit_normal", logit_mean=0.0, logit_std=1.0, shift_mu=None,
-      text_dropout=text_dropout, image_dropout=image_dropout))
+      text_dropout=0.1, image_dropout=0.05))
   section.data = ml_collections.ConfigDict(dict(edit_fraction=edit_fraction))
   return section
 
@@ -126,27 +126,28 @@ def get_config() -> ml_collections.ConfigDict:
   config.vae.loss = ml_collections.ConfigDict(dict(l1_weight=1.0, mse_weight=1.0,
                                                    moment_weight=0.1, foreground_weight=4.0))
 
-  config.pretrain_t2i = _unet_stage("vae", steps=900, lr=2e-3, edit_fraction=0.0, warmup=100)
+  # Image dropout only touches edit rows, so it is a no-op in pretrain_t2i.
+  config.pretrain_t2i = _unet_stage("vae", steps=700, lr=2e-3, edit_fraction=0.0, warmup=100)
   config.pretrain_t2i.parent = ""  # the U-Net starts from scratch; the VAE is shared
-  config.pretrain_edit = _unet_stage("pretrain_t2i", steps=600, lr=1e-3, edit_fraction=1.0,
-                                     image_dropout=0.05)
-  config.pretrain_joint = _unet_stage("pretrain_edit", steps=700, lr=1e-3, edit_fraction=0.5,
-                                      image_dropout=0.05)
-  config.sft = _unet_stage("pretrain_joint", steps=200, lr=3e-4, edit_fraction=0.5,
-                           warmup=20, schedule="constant", image_dropout=0.05, init_from_ema=True)
+  config.pretrain_edit = _unet_stage("pretrain_t2i", steps=350, lr=1e-3, edit_fraction=1.0,
+                                     warmup=30)
+  config.pretrain_joint = _unet_stage("pretrain_edit", steps=300, lr=1e-3, edit_fraction=0.5,
+                                      warmup=30)
+  config.sft = _unet_stage("pretrain_joint", steps=100, lr=3e-4, edit_fraction=0.5,
+                           warmup=10, schedule="constant", init_from_ema=True)
 
   size = config.data.image_size
   config.distill = ml_collections.ConfigDict(dict(
       parent="rl", teacher_ema=True,
       objective=dict(
           # The 4-step schedule the CFG-free pipeline runs at 64px (mu from 16 latent tokens).
-          student_timesteps=_student_timesteps(size), student_sampler="euler", fake_updates=2,
+          student_timesteps=_student_timesteps(size), student_sampler="euler", fake_updates=1,
           guidance_scale=3.5, image_guidance_scale=1.0, dmd_weight=1.0, sigma_min=0.02,
-          sigma_max=0.98, regression_weight=0.5, regression_steps=12, gan_weight=0.0,
+          sigma_max=0.98, regression_weight=0.5, regression_steps=8, gan_weight=0.0,
           gan_disc_weight=1.0, gan_hidden=64),
       fake_lr=1e-4,
       train=train_defaults.train_config(
-          steps=150, batch_size=32, lr=5e-5, schedule="constant", warmup_steps=10,
+          steps=80, batch_size=16, lr=5e-5, schedule="constant", warmup_steps=10,
           weight_decay=0.0, grad_clip=10.0, b1=0.0, b2=0.999, ema_decay=0.95, log_every=10,
           checkpoint_every=50, keep_checkpoints=1, async_checkpoints=False),
       data=dict(size=size, pool_size=512, edit_fraction=0.5, seed=0),
@@ -172,7 +173,7 @@ def get_config() -> ml_collections.ConfigDict:
       method="grpo", reward=dict(name="learned_shapes", path=""),
       refl=dict(t2i_threshold=0.9, edit_threshold=0.9, reward_weight=1.0, pretrain_weight=1.0,
                 num_steps=8, late_steps=3, shift_mu=0.0),
-      parent="sft", use_ema=True, iterations=6, prompts_per_iteration=8, edit_fraction=0.5,
+      parent="sft", use_ema=True, iterations=4, prompts_per_iteration=8, edit_fraction=0.5,
       sample_steps=8, num_minibatches=2, checkpoint_every=2,
       grpo=ml_collections.ConfigDict(dict(group_size=4, noise_level=0.7, clip_range=0.05,
                                           adv_clip=5.0, kl_beta=0.01, guidance=3.5,
@@ -181,7 +182,10 @@ def get_config() -> ml_collections.ConfigDict:
           steps=60, batch_size=128, lr=3e-5, schedule="constant", warmup_steps=0,
           weight_decay=0.0, grad_clip=1.0, ema_decay=0.9, log_every=1, checkpoint_every=20,
           keep_checkpoints=1, async_checkpoints=False),
-      eval=ml_collections.ConfigDict(dict(per_category=8, per_type=4)),
+      # Scored with the teacher's sampler: RL tunes the model distillation starts from.
+      eval=ml_collections.ConfigDict(dict(per_category=8, per_type=4,
+                                          sampler=_sampler(steps=20, guidance=3.5,
+                                                           image_guidance=1.0, batch_size=48))),
   ))
 
   config.convert = ml_collections.ConfigDict(dict(parent="distill", use_ema=True, precision="fp32"))

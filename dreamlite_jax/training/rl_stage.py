@@ -10,7 +10,8 @@ timestep, with the thresholds and regulariser weight of `rl.refl`
 Follows the stage-runner contract of `dreamlite_jax/stages.py`
 (`run_stage(ctx: StageContext) -> dict`). Steps:
   1. score the parent's U-Net (EMA) on the fixed held-in prompt set and the
-     held-out split (`shapes_stage.evaluate`, the eval sampler) = "before";
+     held-out split (`shapes_stage.evaluate` with `eval.sampler`, the teacher's
+     many-step CFG sampler: RL tunes the model distillation starts from) = "before";
   2. GRPO iterations: draw prompts (T2I and edit, `edit_fraction`) from the
      training generator, roll out G SDE samples each with the current params,
      decode with the VAE, reward them with `ShapesReward` (partial credit), take
@@ -23,7 +24,7 @@ shared orbax manager, so a re-run resumes at the last saved iteration.
 
 Section fields: parent, use_ema, iterations, prompts_per_iteration,
 edit_fraction, num_minibatches, sample_steps, checkpoint_every, grpo
-(GRPOConfig fields), train (trainer fields), eval (per_category, per_type);
+(GRPOConfig fields), train (trainer fields), eval (per_category, per_type, sampler);
 method ("grpo" | "refl"), refl (ReFLConfig fields), reward (name, path) for ReFL.
 A ReFL iteration is one train step on prompts_per_iteration examples.
 """
@@ -238,7 +239,7 @@ def run_stage(ctx) -> dict:
       progress = json.load(f)
   if "before" not in progress:
     progress["before"] = shapes_stage.evaluate(models.pipeline(reference), sets,
-                                               ctx.config.eval.sampler)
+                                               section.eval.sampler)
   writer = metrics_lib.MetricsWriter(ctx.workdir)
   start = int(data_state["iteration"]) if data_state else 0
   iterations = int(section.iterations)
@@ -268,7 +269,7 @@ def run_stage(ctx) -> dict:
   writer.close()
 
   params = ckpt.as_numpy(state.params)
-  after = shapes_stage.evaluate(models.pipeline(params), sets, ctx.config.eval.sampler,
+  after = shapes_stage.evaluate(models.pipeline(params), sets, section.eval.sampler,
                                 grid_dir=ctx.workdir, prefix="samples_")
   log = progress.get("iterations", [])
   before_s, after_s = _summary(progress["before"]), _summary(after)
