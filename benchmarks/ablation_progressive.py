@@ -8,10 +8,13 @@ the same VAE, text encoder and data, then scores each with the shapes evaluator:
                        (U-Net in_channels = 8 on the W-wide canvas)
 
   python -m benchmarks.ablation_progressive [--workdir runs/ablation] [--scale 1.0]
-      [--config.<field>=value ...]
+      [--vae-job runs/demo] [--config.<field>=value ...]
 
-`--scale` multiplies every stage's steps (0.1 for a quick look). Prints
-`name: value` lines; the headline (progressive / joint edit accuracy) last.
+`--scale` multiplies the U-Net stages' steps (0.1 for a quick look); the VAE is
+trained once at full length (every variant decodes with it, and a short VAE
+caps every score near 0), or taken from `--vae-job`, a finished job's workdir
+(its `vae/` stage and rendered `data/raw.npz`). Prints `name: value` lines;
+the headline (progressive / joint edit accuracy) last.
 """
 from __future__ import annotations
 
@@ -43,7 +46,10 @@ def variant_overrides(name: str, steps: dict[str, int], vae_dir: str) -> list[st
 def main(argv: list[str] | None = None) -> dict:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--workdir", default="runs/ablation")
-  parser.add_argument("--scale", type=float, default=1.0, help="multiplies every stage's steps")
+  parser.add_argument("--scale", type=float, default=1.0,
+                      help="multiplies the U-Net stages' steps")
+  parser.add_argument("--vae-job", default="",
+                      help="a finished job's workdir whose vae/ stage and data/ to reuse")
   args, overrides = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
   from dreamlite_jax import stages
 
@@ -52,11 +58,11 @@ def main(argv: list[str] | None = None) -> dict:
   steps = {s: scaled(base[s].train.steps) for s in PRETRAIN}
   warmups = [f"{s}.train.warmup_steps={min(base[s].train.warmup_steps, scaled(base[s].train.steps))}"
              for s in PRETRAIN]
-  vae_job = os.path.abspath(os.path.join(args.workdir, "vae_job"))
-  vae_cfg = stages.load_job_config(CONFIG, overrides + [
-      f"vae.train.steps={scaled(base.vae.train.steps)}",
-      f"vae.train.warmup_steps={min(base.vae.train.warmup_steps, scaled(base.vae.train.steps))}"])
-  stages.run_job(vae_cfg, vae_job, stages="vae")
+  vae_job = os.path.abspath(args.vae_job or os.path.join(args.workdir, "vae_job"))
+  if not args.vae_job:
+    stages.run_job(stages.load_job_config(CONFIG, overrides), vae_job, stages="vae")
+  elif not os.path.exists(os.path.join(vae_job, "vae", stages.DONE_FILE)):
+    sys.exit(f"--vae-job {args.vae_job}: no finished vae stage there")
   results = {}
   for name in ("progressive_spatial", "joint_spatial", "progressive_channel"):
     workdir = os.path.abspath(os.path.join(args.workdir, name))

@@ -117,7 +117,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.vae = ml_collections.ConfigDict()
   config.vae.parent = ""
   config.vae.train = train_defaults.train_config(
-      steps=800, batch_size=32, lr=3e-3, schedule="cosine", warmup_steps=50, end_lr_ratio=0.05,
+      steps=1000, batch_size=32, lr=3e-3, schedule="cosine", warmup_steps=50, end_lr_ratio=0.05,
       weight_decay=0.0, grad_clip=1.0, ema_decay=0.9, log_every=25, checkpoint_every=500,
       keep_checkpoints=1, async_checkpoints=False)
   # 32x32 crops of the 64x64 images: a quarter of the cost per image (the VAE is convolutional).
@@ -151,7 +151,7 @@ def get_config() -> ml_collections.ConfigDict:
           weight_decay=0.0, grad_clip=10.0, b1=0.0, b2=0.999, ema_decay=0.95, log_every=10,
           checkpoint_every=50, keep_checkpoints=1, async_checkpoints=False),
       data=dict(size=size, pool_size=512, edit_fraction=0.5, seed=0),
-      eval=dict(size=size, per_category=8, per_type=4, teacher_steps=28, guidance=3.5,
+      eval=dict(size=size, per_category=8, per_type=4, teacher_steps=20, guidance=3.5,
                 image_guidance=1.0, use_ema=True, seed=0, batch_size=48)))
 
   config.eval = ml_collections.ConfigDict()

@@ -224,9 +224,9 @@ def student_inputs(fn: PredictFn, params: Any, noise: jax.Array, condition: jax.
   """
   sigmas = config.schedule
   b = noise.shape[0]
-  xs = [noise]
-  x = noise
-  for j in range(len(config.student_sigmas) - 1):
+
+  # A scan, not a Python loop: the student is compiled once for all its steps.
+  def step(x, j):
     s, s_next = sigmas[j], sigmas[j + 1]
     v = _velocity(fn, params, x, jnp.full((b,), s), condition, cond)
     if config.student_sampler == "euler":
@@ -234,8 +234,11 @@ def student_inputs(fn: PredictFn, params: Any, noise: jax.Array, condition: jax.
     else:
       e = jax.random.normal(jax.random.fold_in(rng, j), x.shape, jnp.float32)
       x = (1.0 - s_next) * (x - s * v) + s_next * e
-    xs.append(x)
-  return jax.lax.stop_gradient(jnp.stack(xs)[index, jnp.arange(b)])
+    return x, x
+
+  _, later = jax.lax.scan(step, noise, jnp.arange(len(config.student_sigmas) - 1))
+  xs = jnp.concatenate([noise[None], later])
+  return jax.lax.stop_gradient(xs[index, jnp.arange(b)])
 
 
 def student_x0(fn: PredictFn, params: Any, latent_shape: tuple[int, ...], condition: jax.Array,

@@ -69,6 +69,12 @@ def make_optimizer(train: ml_collections.ConfigDict) -> optax.GradientTransforma
   return adamw
 
 
+def _init_and_train_keys(rng: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """(key for the model initialisers, the run's base training key) from one key."""
+  init_rng, train_rng = jax.random.split(rng)
+  return init_rng, train_rng
+
+
 def _boxed_state(init_params: Callable[[jax.Array], Any], tx: optax.GradientTransformation,
                  rng: jax.Array) -> TrainState:
   """A fresh state whose leaves are still `LogicallyPartitioned` boxes.
@@ -76,7 +82,7 @@ def _boxed_state(init_params: Callable[[jax.Array], Any], tx: optax.GradientTran
   The optimiser moments and EMA are built by tree-maps over the boxed params,
   so they inherit the params' logical axes.
   """
-  init_rng, train_rng = jax.random.split(rng)
+  init_rng, train_rng = _init_and_train_keys(rng)
   params = init_params(init_rng)
   params = jax.tree.map(lambda x: x.astype(jnp.float32) if jnp.issubdtype(x.dtype, jnp.floating)
                         else x, params)
@@ -116,7 +122,7 @@ def state_from_params(params: Any, ema_params: Any, tx: optax.GradientTransforma
   `params` and `ema_params` must be distinct buffers (the step donates both).
   """
   def build(params, ema_params):
-    _, train_rng = jax.random.split(jax.random.PRNGKey(seed))
+    _, train_rng = _init_and_train_keys(jax.random.PRNGKey(seed))
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
                       ema_params=ema_params, rng=train_rng, skipped=jnp.zeros((), jnp.int32))
   return jax.jit(build, out_shardings=shardings)(params, ema_params)
