@@ -29,7 +29,7 @@ from converters.jax_to_tflite import FLATBUFFER_LIMIT, TensorSpec, param_bytes
 from dreamlite_jax.models.text_encoder import causal_bias, rope_cos_sin, text_position_ids
 
 LATENT_CHANNELS = 4
-VAE_SCALE = 8
+VAE_SCALE = 8  # DreamLite's VAE (TAESD); a tiny VAE's own scale comes from its config
 # Parts of a split text encoder stay below this many weight bytes (2 GiB minus room
 # for the graph), so each one is a valid flatbuffer.
 MAX_PART_BYTES = FLATBUFFER_LIMIT - 256 * 2 ** 20
@@ -49,15 +49,17 @@ def _unbox(params: Any) -> Any:
   return nn.meta.unbox(params)
 
 
-def _latent_size(height: int, width: int) -> tuple[int, int]:
-  if height % VAE_SCALE or width % VAE_SCALE:
-    raise ValueError(f'image size {height}x{width} is not a multiple of {VAE_SCALE}')
-  return height // VAE_SCALE, width // VAE_SCALE
+def _latent_size(height: int, width: int, vae_scale: int) -> tuple[int, int]:
+  if height % vae_scale or width % vae_scale:
+    raise ValueError(f'image size {height}x{width} is not a multiple of the VAE scale {vae_scale}')
+  return height // vae_scale, width // vae_scale
 
 
 def unet_step(model: nn.Module, params: Any, *, height: int, width: int, text_len: int,
-              text_dim: int, time_ids_input: bool = False) -> Component:
-  """One denoising step of `DreamLiteUNet` for `height x width` pixel outputs.
+              text_dim: int, time_ids_input: bool = False,
+              vae_scale: int = VAE_SCALE) -> Component:
+  """One denoising step of `DreamLiteUNet` for `height x width` pixel outputs
+  (latents `height / vae_scale x width / vae_scale`).
 
   `time_ids` (width, height) is baked in as a constant by default: a static-shape
   model serves exactly one size, so the input carries no information, and folding
@@ -65,7 +67,7 @@ def unet_step(model: nn.Module, params: Any, *, height: int, width: int, text_le
   flattened `[2]` ids is a `[2, 1] x [1, d]` MUL, which the GPU delegate rejects).
   `time_ids_input=True` keeps it as the `[1, 2]` input instead.
   """
-  h, w = _latent_size(height, width)
+  h, w = _latent_size(height, width, vae_scale)
   size_ids = np.array([[width, height]], np.float32)
 
   def velocity(p, sample, timestep, text, text_mask, time_ids):
@@ -91,7 +93,7 @@ def unet_step(model: nn.Module, params: Any, *, height: int, width: int, text_le
 
 def vae_decoder(model: nn.Module, params: Any, *, height: int, width: int) -> Component:
   """`TinyAutoencoder.decode`: latents -> image in [-1, 1]."""
-  h, w = _latent_size(height, width)
+  h, w = _latent_size(height, width, model.config.downsample_factor)
 
   def fn(p, latents):
     return {'image': model.apply({'params': p}, latents, method='decode')}

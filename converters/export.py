@@ -154,10 +154,11 @@ def export_all(models: DeployModels, out_dir: str | Path, precision: str = 'fp32
   out_dir = Path(out_dir)
   out_dir.mkdir(parents=True, exist_ok=True)
   height, width = size
-  h, w = height // components.VAE_SCALE, width // components.VAE_SCALE
+  vae_scale = models.vae.config.downsample_factor
+  h, w = height // vae_scale, width // vae_scale
   rng = np.random.default_rng(seed)
   seq_len = max(prompts.GENERATE_DROP, prompts.EDIT_DROP) + models.text_len
-  sigmas = flow.schedule_for_size(STUDENT_STEPS, height, width)
+  sigmas = flow.schedule_for_size(STUDENT_STEPS, height, width, vae_scale=vae_scale)
   timesteps = flow.timesteps_from_sigmas(sigmas)
   entries = {}
 
@@ -193,7 +194,7 @@ def export_all(models: DeployModels, out_dir: str | Path, precision: str = 'fp32
   text_dim = text.shape[-1]
   unet = components.unet_step(models.unet, models.unet_params, height=height, width=width,
                               text_len=models.text_len, text_dim=text_dim,
-                              time_ids_input=time_ids_input)
+                              time_ids_input=time_ids_input, vae_scale=vae_scale)
   noise = rng.standard_normal((1, h, w, 4)).astype(np.float32)
   time_ids = np.array([[width, height]], np.float32)
   t2i = np.concatenate([noise, np.zeros_like(noise)], axis=2)
@@ -222,12 +223,13 @@ def build_manifest(models: DeployModels, entries: dict, text_parts: list[str], t
                    timesteps: np.ndarray, tokenizer) -> dict:
   """Everything the app needs to run the four models, and nothing else."""
   height, width = size
+  vae_scale = models.vae.config.downsample_factor
   return {
       'format': MANIFEST_FORMAT,
       'precision': precision,
       'image': {'height': height, 'width': width, 'channels': 3, 'range': [-1.0, 1.0],
                 'layout': 'NHWC'},
-      'latent': {'height': height // components.VAE_SCALE, 'width': width // components.VAE_SCALE,
+      'latent': {'height': height // vae_scale, 'width': width // vae_scale,
                  'channels': components.LATENT_CHANNELS,
                  'scaling_factor': models.latent_scaling, 'shift_factor': models.latent_shift,
                  'encode': 'latents = (vae_encoder(image) - shift_factor) * scaling_factor',

@@ -92,7 +92,9 @@ class Pipeline:
     unet: `DreamLiteUNet`; unet_params its params.
     vae: `TinyAutoencoder`; vae_params its params.
     shift: resolution-dependent sigma shift of the schedule.
-    size_multiple: image sides must be multiples of this (8 x the U-Net's total downsampling).
+    size_multiple: image sides must be multiples of this (vae_scale x the U-Net's total
+      downsampling).
+    vae_scale: pixels per latent cell (8 for DreamLite's VAE; the tiny shapes VAE is 4x).
   """
   text_encoder: Any
   unet: Any
@@ -101,6 +103,7 @@ class Pipeline:
   vae_params: Any
   shift: flow.ShiftConfig = flow.ShiftConfig()
   size_multiple: int = 32
+  vae_scale: int = flow.VAE_SCALE
 
   def __post_init__(self):
     self._denoise = jax.jit(functools.partial(_denoise, self.unet))
@@ -117,7 +120,7 @@ class Pipeline:
   def _noise(self, seed: int, batch: int, size: tuple[int, int]) -> jax.Array:
     # One key per image index, so image i depends only on (seed, i), not on the batch size.
     key = jax.random.PRNGKey(seed)
-    shape = (size[0] // flow.VAE_SCALE, size[1] // flow.VAE_SCALE, 4)
+    shape = (size[0] // self.vae_scale, size[1] // self.vae_scale, 4)
     return jnp.stack([jax.random.normal(jax.random.fold_in(key, i), shape) for i in range(batch)])
 
   @staticmethod
@@ -321,9 +324,10 @@ def load_pipeline(checkpoint_dir: str, *, text_encoder: Any = None, vae_checkpoi
     text_encoder = build_text_encoder(spec, int(length))
   unet_params = checkpoints.load_params(checkpoint_dir, step=step, ema=ema)
   vae_params = checkpoints.load_params(vae_checkpoint, ema=ema)
-  size_multiple = flow.VAE_SCALE * unet_config.downsample_factor
+  vae_scale = vae_config.downsample_factor
   return Pipeline(text_encoder, DreamLiteUNet(unet_config), unet_params,
-                  TinyAutoencoder(vae_config), vae_params, size_multiple=size_multiple)
+                  TinyAutoencoder(vae_config), vae_params,
+                  size_multiple=vae_scale * unet_config.downsample_factor, vae_scale=vae_scale)
 
 
 # ---------------------------------------------------------------- CLI

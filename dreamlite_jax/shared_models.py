@@ -93,9 +93,10 @@ class SharedModels:
     from dreamlite_jax.pipeline import Pipeline
     if self._pipeline is None:
       # Built once: every stage's pipeline shares its jitted sampler (one compilation per mode).
+      vae_scale = self.vae_config.downsample_factor
       self._pipeline = Pipeline(self.text_encoder, self.unet, unet_params, self.vae,
-                                self.vae_params,
-                                size_multiple=flow.VAE_SCALE * self.unet_config.downsample_factor)
+                                self.vae_params, vae_scale=vae_scale,
+                                size_multiple=vae_scale * self.unet_config.downsample_factor)
     return self._pipeline.with_unet_params(unet_params)
 
   def raw_data(self) -> dict[str, np.ndarray]:

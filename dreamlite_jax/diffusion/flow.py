@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 NUM_TRAIN_TIMESTEPS = 1000  # timestep fed to the U-Net = sigma * 1000
-VAE_SCALE = 8  # pixels per latent cell
+VAE_SCALE = 8  # pixels per latent cell of DreamLite's VAE (TAESD); tiny VAEs may differ
 
 
 def _per_example(sigma: jax.Array, x: jax.Array) -> jax.Array:
@@ -133,11 +133,13 @@ def sampling_sigmas(num_steps: int, mu: float) -> np.ndarray:
 
 
 def schedule_for_size(num_steps: int, height: int, width: int,
-                      shift: ShiftConfig = ShiftConfig()) -> np.ndarray:
-  """`sampling_sigmas` for an output image of `height x width` pixels. [N + 1] float32."""
-  if height % VAE_SCALE or width % VAE_SCALE:
-    raise ValueError(f"image size {height}x{width} is not a multiple of {VAE_SCALE}")
-  return sampling_sigmas(num_steps, shift.mu(height // VAE_SCALE, width // VAE_SCALE))
+                      shift: ShiftConfig = ShiftConfig(), vae_scale: int = VAE_SCALE
+                      ) -> np.ndarray:
+  """`sampling_sigmas` for an output image of `height x width` pixels and a VAE of
+  `vae_scale` pixels per latent cell. [N + 1] float32."""
+  if height % vae_scale or width % vae_scale:
+    raise ValueError(f"image size {height}x{width} is not a multiple of {vae_scale}")
+  return sampling_sigmas(num_steps, shift.mu(height // vae_scale, width // vae_scale))
 
 
 def timesteps_from_sigmas(sigmas) -> np.ndarray:

@@ -68,12 +68,13 @@ def objective_config(section: ml_collections.ConfigDict) -> distill.DistillConfi
 
 
 def check_deployed_schedule(config: distill.DistillConfig, size: int,
-                            shift: flow.ShiftConfig) -> None:
+                            shift: flow.ShiftConfig, vae_scale: int = flow.VAE_SCALE) -> None:
   """The student is trained on the schedule the CFG-free pipeline will run at `size`."""
   if config.student_sampler != "euler":
     raise ConfigError("config.distill.objective.student_sampler must be 'euler': the mobile "
                       "pipeline samples distilled checkpoints with plain Euler steps")
-  deployed = flow.schedule_for_size(len(config.student_sigmas), size, size, shift)[:-1]
+  deployed = flow.schedule_for_size(len(config.student_sigmas), size, size, shift,
+                                    vae_scale)[:-1]
   if not np.allclose(deployed, config.student_sigmas, atol=1e-3):
     raise ConfigError(
         f"config.distill.objective.student_timesteps = "
@@ -95,6 +96,11 @@ def _pad(x: np.ndarray, length: int) -> np.ndarray:
   return np.pad(x, pad)
 
 
+def _size_ids(rows: int, size: int) -> np.ndarray:
+  """The U-Net's (width, height) size ids of `size`-pixel images, as the pipeline passes them."""
+  return np.full((rows, 2), float(size), np.float32)
+
+
 def build_pool(pipe: Any, data: ml_collections.ConfigDict, chunk: int = 32) -> dict[str, np.ndarray]:
   """Encodes `data.pool_size` shapes conditions once: {name: [P, ...]} numpy arrays.
 
@@ -114,6 +120,7 @@ def build_pool(pipe: Any, data: ml_collections.ConfigDict, chunk: int = 32) -> d
     null, null_mask = pipe.text_encoder.encode_generate_unconditional(len(rows))
     latents = np.asarray(encode(pipe.vae_params, _pixels(images)))
     parts.append(dict(latents=latents, source_latents=np.zeros_like(latents),
+                      time_ids=_size_ids(len(rows), data.size),
                       is_edit=np.zeros(len(rows), np.float32), text=np.asarray(text),
                       text_mask=np.asarray(mask), null_text=np.asarray(null),
                       null_text_mask=np.asarray(null_mask)))
@@ -127,6 +134,7 @@ def build_pool(pipe: Any, data: ml_collections.ConfigDict, chunk: int = 32) -> d
     parts.append(dict(latents=np.asarray(encode(pipe.vae_params,
                                                 _pixels(np.stack([r["target"] for r in rows])))),
                       source_latents=np.asarray(encode(pipe.vae_params, sources)),
+                      time_ids=_size_ids(len(rows), data.size),
                       is_edit=np.ones(len(rows), np.float32), text=np.asarray(text),
                       text_mask=np.asarray(mask), null_text=np.asarray(null),
                       null_text_mask=np.asarray(null_mask)))
@@ -207,8 +215,7 @@ def train_student(ctx: Any, pipe: Any, objective: distill.DistillConfig, teacher
       features_fn=distill.unet_features_fn(unet) if objective.uses_gan else None)
   example = {k: jnp.asarray(v[:1]) for k, v in pool.items()}
   canvas = jnp.concatenate([example["latents"]] * 2, axis=2)
-  time_ids = jnp.array([[canvas.shape[2] // 2 * flow.VAE_SCALE, canvas.shape[1] * flow.VAE_SCALE]],
-                       jnp.float32)
+  time_ids = example["time_ids"]
   unet_args = (canvas, jnp.zeros((1,)), example["text"], example["text_mask"], time_ids)
   init_params = lambda rng: unet.init(rng, *unet_args)["params"]
   feature_dim = None
@@ -287,7 +294,7 @@ def run_stage(ctx: Any) -> dict:
     raise ConfigError(f"config.{ctx.name}.train.accum_steps must be 1 for distillation")
   teacher = ckpt.load_params(ctx.parent_workdir, ema=bool(section.teacher_ema))
   pipe = ctx.models.pipeline(teacher)
-  check_deployed_schedule(objective, section.data.size, pipe.shift)
+  check_deployed_schedule(objective, section.data.size, pipe.shift, pipe.vae_scale)
   pool = build_pool(pipe, section.data)
   state, _, step, metrics = train_student(ctx, pipe, objective, teacher, pool)
   checkpoint = save_student(ctx.workdir, state.student, ctx.config)

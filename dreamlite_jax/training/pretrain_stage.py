@@ -47,7 +47,8 @@ def train_unet(ctx, config, edit_fraction: float) -> trainer.TrainResult:
   init = init_unet_fn(models.unet, latents.shape[1:3], data["null_t2i_text"].shape[1],
                       data["null_t2i_text"].shape[2])
   batches = shapes_data.BatchIterator(data, config.train.batch_size, edit_fraction,
-                                      seed=config.seed + _stage_salt(ctx.name))
+                                      seed=config.seed + _stage_salt(ctx.name),
+                                      image_size=models.image_size)
   return trainer.train(config, ctx.workdir, loss_fn, batches, init)
 
 

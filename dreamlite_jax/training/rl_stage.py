@@ -194,7 +194,7 @@ def run_stage(ctx) -> dict:
 
   mesh = mesh_lib.make_mesh(config.mesh)
   tx = state_lib.make_optimizer(config.train)
-  latent = size // flow.VAE_SCALE
+  latent = size // models.vae_config.downsample_factor
   length = int(ctx.config.model.text_encoder.text_length)
   init = pretrain_stage.init_unet_fn(models.unet, (latent, latent), length,
                                      models.unet_config.encoder_hid_dim)

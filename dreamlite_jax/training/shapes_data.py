@@ -71,7 +71,7 @@ def encode(raw: dict[str, np.ndarray], vae_encode: Callable[[np.ndarray], np.nda
   """Latents and text features of `build_raw`'s examples.
 
   Args:
-    vae_encode: uint8 images [B, S, S, 3] -> latents [B, S/8, S/8, 4].
+    vae_encode: uint8 images [B, S, S, 3] -> latents [B, S/f, S/f, 4] (f: the VAE's scale).
     text_encoder: a `TextEncoder` (`encode_generate`, `encode_edit`, unconditional variants).
   Returns: t2i_latents [N, h, w, 4], t2i_text_index [N], t2i_text [U, L, D], t2i_mask [U, L],
     edit_targets / edit_sources latents [M, h, w, 4], edit_text_index, edit_text, edit_mask,
@@ -102,12 +102,13 @@ class BatchIterator:
   """Random batches mixing T2I and edit examples at `edit_fraction`.
 
   Yields the pretraining loss's batch: latents, text, text_mask, source_latents,
-  is_edit, null_text, null_text_mask (per example: the T2I or edit null prompt).
+  is_edit, null_text, null_text_mask (per example: the T2I or edit null prompt) and
+  time_ids (the `image_size` pixel size ids the pipeline passes when sampling).
   Batch `k` is a pure function of (seed, k); `get_state`/`set_state` carry k.
   """
 
   def __init__(self, data: dict[str, np.ndarray], batch_size: int, edit_fraction: float,
-               seed: int):
+               seed: int, image_size: int):
     if not 0.0 <= edit_fraction <= 1.0:
       raise ValueError(f"edit_fraction must be in [0, 1], got {edit_fraction}")
     if edit_fraction < 1.0 and "t2i_latents" not in data:
@@ -115,6 +116,7 @@ class BatchIterator:
     if edit_fraction > 0.0 and "edit_targets" not in data:
       raise ValueError("edit_fraction > 0 but the shapes data has no edit examples")
     self.data, self.batch_size, self.edit_fraction, self.seed = data, batch_size, edit_fraction, seed
+    self.image_size = image_size
     self.step = 0
 
   def __iter__(self) -> "BatchIterator":
@@ -153,4 +155,5 @@ class BatchIterator:
       null_text[is_edit], null_mask[is_edit] = d["null_edit_text"], d["null_edit_mask"]
     return {"latents": latents, "text": text, "text_mask": mask, "source_latents": source,
             "is_edit": is_edit.astype(np.float32), "null_text": null_text,
-            "null_text_mask": null_mask}
+            "null_text_mask": null_mask,
+            "time_ids": np.full((b, 2), float(self.image_size), np.float32)}

@@ -1,7 +1,7 @@
-"""The tiny job's first stage: train the 8x tiny autoencoder on shapes images.
+"""The tiny job's first stage: train the tiny autoencoder on shapes images.
 
 The paper ships TAESD-XL; the CPU default has no pretrained weights, so it
-trains a `VAEConfig.tiny()` autoencoder with the shared trainer. Loss:
+trains a `VAEConfig.tiny()` autoencoder (4x in the default job) with the shared trainer. Loss:
 L1 + MSE reconstruction in [-1, 1], plus a moment regulariser that keeps each
 latent channel near zero mean and unit variance over the batch, so flow
 matching's N(0, 1) noise is on the latents' scale (no scaling factor needed).
@@ -9,7 +9,7 @@ matching's N(0, 1) noise is on the latents' scale (no scaling factor needed).
 Two things make it learn in CPU minutes (measured by the shapes evaluator on
 reconstructions, see `recon_scores` in the stage results):
 - random square crops (`data.crop_size`): the autoencoder is convolutional, so
-  32x32 crops of 64x64 images train the same weights at a quarter of the cost;
+  16x16 crops of 32x32 images train the same weights at a quarter of the cost;
 - `loss.foreground_weight`: shapes images are mostly plain background, which
   an unweighted loss learns first and the objects' colours last; pixels that
   differ from the image's corner (background) colour weigh `1 + w` instead of 1.
