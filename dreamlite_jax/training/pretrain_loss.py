@@ -11,7 +11,8 @@ Batch (a dict of arrays, leading axis B):
   text          [B, L, D]     text features;  text_mask [B, L] (1 = real token)
   source_latents [B, H, W, C] optional, with is_edit [B] (0/1): edit examples
   time_ids      [B, 2]        optional (width, height) in pixels; default from
-                              the latent size times 8
+                              the latent size times 8 (DreamLite's VAE; pass
+                              them for a VAE of another scale)
   null_text     [B|1, L, D], null_text_mask [B|1, L]: required when
                               text_dropout > 0
 """
