@@ -126,7 +126,7 @@ class Pipeline:
   @staticmethod
   def _cond(features, mask, size: tuple[int, int]) -> dict:
     batch = features.shape[0]
-    time_ids = jnp.tile(jnp.array([[size[1], size[0]]], jnp.float32), (batch, 1))
+    time_ids = jnp.asarray(flow.size_ids(batch, size[0], size[1]))
     return {"text": jnp.asarray(features, jnp.float32), "text_mask": jnp.asarray(mask),
             "time_ids": time_ids}
 

@@ -16,8 +16,6 @@ import jax
 import ml_collections
 import numpy as np
 
-from dreamlite_jax.diffusion import flow
-
 
 class SharedModels:
   """Lazily built shared models and data of a job rooted at `workdir`."""

@@ -142,6 +142,12 @@ def schedule_for_size(num_steps: int, height: int, width: int,
   return sampling_sigmas(num_steps, shift.mu(height // vae_scale, width // vae_scale))
 
 
+def size_ids(batch: int, height: int, width: int) -> np.ndarray:
+  """The U-Net's size conditioning (`time_ids`): (width, height) in pixels per example,
+  float32 [batch, 2]. Training batches and the pipeline must pass the same ids."""
+  return np.tile(np.array([[width, height]], np.float32), (batch, 1))
+
+
 def timesteps_from_sigmas(sigmas) -> np.ndarray:
   """U-Net timesteps (sigma * 1000) of a schedule, without the terminal 0. [N] float32."""
   sigmas = np.asarray(sigmas, np.float32)

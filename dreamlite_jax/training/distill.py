@@ -159,7 +159,7 @@ def batch_inputs(batch: dict, need_uncond: bool) -> tuple[jax.Array, jax.Array, 
   condition = packing.condition_latents(source, is_edit, latents)
   time_ids = batch.get("time_ids")
   if time_ids is None:
-    time_ids = jnp.tile(jnp.array([[w * flow.VAE_SCALE, h * flow.VAE_SCALE]], jnp.float32), (b, 1))
+    time_ids = jnp.asarray(flow.size_ids(b, h * flow.VAE_SCALE, w * flow.VAE_SCALE))
   text, text_mask = _require(batch, "text"), _require(batch, "text_mask")
   cond = {"text": text, "text_mask": text_mask, "time_ids": time_ids}
   if not need_uncond:

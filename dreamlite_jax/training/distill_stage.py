@@ -96,11 +96,6 @@ def _pad(x: np.ndarray, length: int) -> np.ndarray:
   return np.pad(x, pad)
 
 
-def _size_ids(rows: int, size: int) -> np.ndarray:
-  """The U-Net's (width, height) size ids of `size`-pixel images, as the pipeline passes them."""
-  return np.full((rows, 2), float(size), np.float32)
-
-
 def build_pool(pipe: Any, data: ml_collections.ConfigDict, chunk: int = 32) -> dict[str, np.ndarray]:
   """Encodes `data.pool_size` shapes conditions once: {name: [P, ...]} numpy arrays.
 
@@ -120,7 +115,7 @@ def build_pool(pipe: Any, data: ml_collections.ConfigDict, chunk: int = 32) -> d
     null, null_mask = pipe.text_encoder.encode_generate_unconditional(len(rows))
     latents = np.asarray(encode(pipe.vae_params, _pixels(images)))
     parts.append(dict(latents=latents, source_latents=np.zeros_like(latents),
-                      time_ids=_size_ids(len(rows), data.size),
+                      time_ids=flow.size_ids(len(rows), data.size, data.size),
                       is_edit=np.zeros(len(rows), np.float32), text=np.asarray(text),
                       text_mask=np.asarray(mask), null_text=np.asarray(null),
                       null_text_mask=np.asarray(null_mask)))
@@ -134,7 +129,7 @@ def build_pool(pipe: Any, data: ml_collections.ConfigDict, chunk: int = 32) -> d
     parts.append(dict(latents=np.asarray(encode(pipe.vae_params,
                                                 _pixels(np.stack([r["target"] for r in rows])))),
                       source_latents=np.asarray(encode(pipe.vae_params, sources)),
-                      time_ids=_size_ids(len(rows), data.size),
+                      time_ids=flow.size_ids(len(rows), data.size, data.size),
                       is_edit=np.ones(len(rows), np.float32), text=np.asarray(text),
                       text_mask=np.asarray(mask), null_text=np.asarray(null),
                       null_text_mask=np.asarray(null_mask)))

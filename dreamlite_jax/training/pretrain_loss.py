@@ -94,7 +94,7 @@ def flow_matching_loss(predict_fn: PredictFn, params: Any, batch: dict, rng: jax
   edit = jnp.zeros((b,), jnp.float32) if source is None else jnp.asarray(is_edit, jnp.float32)
   time_ids = batch.get("time_ids")
   if time_ids is None:
-    time_ids = jnp.tile(jnp.array([[w * flow.VAE_SCALE, h * flow.VAE_SCALE]], jnp.float32), (b, 1))
+    time_ids = jnp.asarray(flow.size_ids(b, h * flow.VAE_SCALE, w * flow.VAE_SCALE))
 
   k_sigma, k_noise, k_text, k_image = jax.random.split(rng, 4)
   if config.text_dropout > 0:

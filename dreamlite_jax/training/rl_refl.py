@@ -73,7 +73,7 @@ def make_refl_loss(predict_fn: pretrain_loss.PredictFn, decode_fn: DecodeFn,
     condition = packing.condition_latents(batch.get("source_latents"),
                                           is_edit if "source_latents" in batch else None, x0)
     h, w = x0.shape[1:3]
-    time_ids = batch.get("time_ids", jnp.tile(jnp.array([[w * flow.VAE_SCALE, h * flow.VAE_SCALE]], jnp.float32), (b, 1)))
+    time_ids = batch.get("time_ids", jnp.asarray(flow.size_ids(b, h * flow.VAE_SCALE, w * flow.VAE_SCALE)))
     cond = {"text": batch["text"], "text_mask": batch["text_mask"], "time_ids": time_ids}
     frozen = jax.lax.stop_gradient(params)
     velocity = lambda canvas, t, c: predict_fn(frozen, canvas, t, c)

@@ -107,7 +107,7 @@ class _Conditioner:
     latents = np.asarray(self._encode(self.models.vae_params,
                                       jnp.asarray(sources, jnp.float32) / 127.5 - 1.0))
     condition = np.where(edit[:, None, None, None], latents, 0.0).astype(np.float32)
-    time_ids = np.full((n, 2), float(self.size), np.float32)
+    time_ids = flow.size_ids(n, self.size, self.size)
     rep = lambda a: np.repeat(a, group, axis=0)
     cond = {"text": rep(pick(f_t, f_e)).astype(np.float32),
             "text_mask": rep(pick(m_t, m_e)).astype(np.int32), "time_ids": rep(time_ids)}

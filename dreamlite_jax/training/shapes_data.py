@@ -16,6 +16,7 @@ from typing import Any, Callable
 import numpy as np
 
 from data_pipelines import shapes
+from dreamlite_jax.diffusion import flow
 
 
 def build_raw(num_t2i: int, num_edit: int, size: int, seed: int) -> dict[str, np.ndarray]:
@@ -156,4 +157,4 @@ class BatchIterator:
     return {"latents": latents, "text": text, "text_mask": mask, "source_latents": source,
             "is_edit": is_edit.astype(np.float32), "null_text": null_text,
             "null_text_mask": null_mask,
-            "time_ids": np.full((b, 2), float(self.image_size), np.float32)}
+            "time_ids": flow.size_ids(b, self.image_size, self.image_size)}
