@@ -14,9 +14,11 @@ its own earlier steps, "backward simulation") is pushed along
 `x0_fake(x_t) - x0_real(x_t)` at a random noise level `t` (the gradient of the
 reverse KL, normalised per example as in DMD). Two-time-scale updates: each
 step does `fake_updates` fake-score updates, then one student update. Optional
-extras: a regression loss onto teacher ODE endpoints from the same noise
-(through the student's deterministic Euler path), and a GAN head on pooled
-fake-score features (real latents vs student outputs).
+extras: a regression loss onto teacher ODE pairs (DMD's noise -> teacher image
+pairs, computed once per data row before training: the student, started from
+`ode_noise`, should predict the teacher's guided endpoint `ode_target` at
+whichever of its steps it is trained on), and a GAN head on pooled fake-score
+features (real latents vs student outputs).
 
 Only the target half is ever noised or generated; the condition half (zeros
 for T2I, the clean source latent for edits) is passed through untouched.
@@ -27,7 +29,7 @@ Batch (dict, leading axis B): `latents` [B, H, W, C] (shape; also the "real"
 images of the GAN), `text` [B, L, D], `text_mask` [B, L], optional
 `source_latents` + `is_edit` [B], optional `time_ids` [B, 2], and
 `null_text` [B|1, L, D] + `null_text_mask` [B|1, L] whenever the teacher uses
-guidance.
+guidance, and `ode_noise` + `ode_target` [B, H, W, C] when the regression is on.
 """
 from __future__ import annotations
 
@@ -43,7 +45,6 @@ from jax.sharding import Mesh
 
 from dreamlite_jax.diffusion import flow
 from dreamlite_jax.diffusion import packing
-from dreamlite_jax.diffusion import sampling
 from dreamlite_jax.training import mesh as mesh_lib
 from dreamlite_jax.training import state as state_lib
 from dreamlite_jax.training import step as step_lib
@@ -94,6 +95,11 @@ class DistillConfig:
   @property
   def uses_gan(self) -> bool:
     return self.gan_weight > 0
+
+  @property
+  def teacher_guided(self) -> bool:
+    """Whether the real score needs the unconditional branch (and batches `null_text`)."""
+    return self.guidance_scale != 1.0 or self.image_guidance_scale is not None
 
   @property
   def schedule(self) -> jax.Array:
@@ -243,28 +249,24 @@ def student_inputs(fn: PredictFn, params: Any, noise: jax.Array, condition: jax.
 
 def student_x0(fn: PredictFn, params: Any, latent_shape: tuple[int, ...], condition: jax.Array,
                cond: dict, config: DistillConfig, rng: jax.Array,
-               sim_params: Any = None) -> tuple[jax.Array, jax.Array]:
+               sim_params: Any = None, noise: jax.Array | None = None
+               ) -> tuple[jax.Array, jax.Array]:
   """The student's x0 prediction at a random one of its steps, per example.
 
-  `sim_params` (default `params`) runs the backward simulation without gradient.
+  `sim_params` (default `params`) runs the backward simulation without gradient;
+  it starts from `noise` [B, H, W, C] (default: fresh Gaussian noise).
   Returns (x0 [B, H, W, C] differentiable in `params`, step index [B]).
   """
   k_index, k_noise, k_sim = jax.random.split(rng, 3)
   b = latent_shape[0]
   index = jax.random.randint(k_index, (b,), 0, len(config.student_sigmas))
-  noise = jax.random.normal(k_noise, latent_shape, jnp.float32)
+  if noise is None:
+    noise = jax.random.normal(k_noise, latent_shape, jnp.float32)
   sim = params if sim_params is None else sim_params
   x = student_inputs(fn, sim, noise, condition, cond, config, index, k_sim)
   sigma = config.schedule[index]
   v = _velocity(fn, params, x, sigma, condition, cond)
   return x - _col(sigma) * v, index
-
-
-def student_euler_sample(fn: PredictFn, params: Any, noise: jax.Array, condition: jax.Array,
-                         cond: dict, config: DistillConfig) -> jax.Array:
-  """The student's deterministic few-step Euler sample (the mobile sampler), differentiable."""
-  return sampling.euler_sample(lambda c, t, k: fn(params, c, t, k), noise, condition,
-                               config.schedule, cond)
 
 
 # ----------------------------------------------------------------------------
@@ -344,11 +346,13 @@ def student_loss(models: DistillModels, student_params: Any, teacher_params: Any
                  fake_params: Any, batch: dict, config: DistillConfig,
                  rng: jax.Array) -> tuple[jax.Array, dict]:
   """DMD + optional regression + optional GAN generator loss of the student."""
-  need_uncond = config.guidance_scale != 1.0 or config.image_guidance_scale is not None
-  latents, condition, cond, uncond = batch_inputs(batch, need_uncond)
-  k_x0, k_dmd, k_reg, k_gan = jax.random.split(rng, 4)
+  latents, condition, cond, uncond = batch_inputs(batch, config.teacher_guided)
+  k_x0, k_dmd, k_gan = jax.random.split(rng, 3)
+  # With the regression on, the student starts from the pairs' noise, so the one x0
+  # serves both losses (no second rollout, no teacher sampling inside the step).
+  noise = _require(batch, "ode_noise").astype(jnp.float32) if config.regression_weight > 0 else None
   x0, index = student_x0(models.predict_fn, student_params, latents.shape, condition, cond, config,
-                         k_x0, sim_params=jax.lax.stop_gradient(student_params))
+                         k_x0, sim_params=jax.lax.stop_gradient(student_params), noise=noise)
   fake_params = jax.lax.stop_gradient(fake_params)
   loss, metrics = dmd_loss(models, teacher_params, fake_params["score"], x0, condition, cond,
                            uncond, config, k_dmd)
@@ -356,17 +360,7 @@ def student_loss(models: DistillModels, student_params: Any, teacher_params: Any
   metrics["student_index_mean"] = jnp.mean(index.astype(jnp.float32))
   loss = config.dmd_weight * loss
   if config.regression_weight > 0:
-    noise = jax.random.normal(k_reg, latents.shape, jnp.float32)
-    sigmas = flow.sampling_sigmas(config.regression_steps,
-                                  flow.ShiftConfig().mu(*latents.shape[1:3]))
-    teacher_v = lambda c, t, k: models.teacher(teacher_params, c, t, k)
-    g_img = config.image_guidance_scale
-    guided = need_uncond
-    target = jax.lax.stop_gradient(sampling.euler_sample(
-        teacher_v, noise, condition, jnp.asarray(sigmas), cond, uncond if guided else None,
-        config.guidance_scale if guided else None, g_img if guided else None))
-    sample = student_euler_sample(models.predict_fn, student_params, noise, condition, cond, config)
-    reg = jnp.mean((sample - target)**2)
+    reg = jnp.mean((x0 - _require(batch, "ode_target").astype(jnp.float32))**2)
     metrics["regression_loss"] = reg
     loss = loss + config.regression_weight * reg
   if config.uses_gan:
@@ -451,8 +445,7 @@ def distill_step(models: DistillModels, config: DistillConfig,
   k_fake, k_student = jax.random.split(key)
   cast = lambda p: state_lib.cast_params(p, compute_dtype)
   teacher = cast(teacher_params)
-  need_uncond = config.guidance_scale != 1.0 or config.image_guidance_scale is not None
-  latents, condition, cond, _ = batch_inputs(batch, need_uncond)
+  latents, condition, cond, _ = batch_inputs(batch, config.teacher_guided)
   student_params = jax.lax.stop_gradient(cast(state.student.params))
 
   def fake_update(fake, i):

@@ -3,7 +3,9 @@
 `run_stage(ctx)` (the `dreamlite_jax.stages` contract) loads the parent stage's
 U-Net as the frozen teacher, builds a fixed pool of shapes-world conditions
 (T2I captions and edit triplets encoded once with the job's text encoder and
-VAE), runs `distill.make_distill_step` with periodic orbax checkpoints of the
+VAE; with the regression on, each row also gets the teacher's guided ODE
+endpoint from a fixed noise, sampled once with the teacher's pipeline), runs
+`distill.make_distill_step` with periodic orbax checkpoints of the
 whole `DistillState` (an interrupted stage resumes from them; batches are a
 function of the step, so the data stream resumes too), then writes the student
 as an ordinary train state under `<stage>/student/` (what pipelines, converters
@@ -96,11 +98,13 @@ def _pad(x: np.ndarray, length: int) -> np.ndarray:
   return np.pad(x, pad)
 
 
-def build_pool(pipe: Any, data: ml_collections.ConfigDict, chunk: int = 32) -> dict[str, np.ndarray]:
+def build_pool(pipe: Any, data: ml_collections.ConfigDict, objective: distill.DistillConfig,
+               chunk: int = 32) -> dict[str, np.ndarray]:
   """Encodes `data.pool_size` shapes conditions once: {name: [P, ...]} numpy arrays.
 
   Rows are T2I examples then edit examples (`data.edit_fraction` of them);
-  text of both kinds is right-padded (mask 0) to one length.
+  text of both kinds is right-padded (mask 0) to one length. With the
+  regression on, rows also hold their teacher ODE pair (`add_teacher_ode_pairs`).
   """
   n_edit = int(round(data.pool_size * data.edit_fraction))
   n_t2i = data.pool_size - n_edit
@@ -139,7 +143,35 @@ def build_pool(pipe: Any, data: ml_collections.ConfigDict, chunk: int = 32) -> d
   for p in parts:
     for key in ("text", "text_mask", "null_text", "null_text_mask"):
       p[key] = _pad(p[key], length)
-  return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+  pool = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+  if objective.regression_weight > 0:
+    add_teacher_ode_pairs(pool, pipe, objective, data.seed)
+  return pool
+
+
+def add_teacher_ode_pairs(pool: dict[str, np.ndarray], pipe: Any,
+                          objective: distill.DistillConfig, seed: int, chunk: int = 64) -> None:
+  """Adds the regression pairs to every pool row: `ode_noise` and `ode_target`, the
+  teacher pipeline's guided `regression_steps`-step Euler endpoint from that noise.
+
+  Sampled once here rather than inside every training step (DMD's precomputed
+  noise-image pairs): the teacher rollout would cost more than the rest of the step.
+  """
+  n = len(pool["latents"])
+  noise = np.random.default_rng([seed, n]).standard_normal(pool["latents"].shape, np.float32)
+  guided = objective.teacher_guided
+  chunk = min(chunk, n)
+  targets = []
+  for start in range(0, n, chunk):
+    rows = np.arange(start, start + chunk).clip(max=n - 1)  # one static shape: repeat the last row
+    batch = {k: v[rows] for k, v in pool.items()}
+    _, condition, cond, uncond = distill.batch_inputs(batch, guided)
+    x0 = pipe.denoise(jnp.asarray(noise[rows]), condition, cond, uncond, objective.regression_steps,
+                      objective.guidance_scale if guided else None,
+                      objective.image_guidance_scale if guided else None)
+    targets.append(np.asarray(x0)[:min(chunk, n - start)])
+  pool["ode_noise"] = noise
+  pool["ode_target"] = np.concatenate(targets)
 
 
 def pool_batch(pool: dict[str, np.ndarray], step: int, batch_size: int, seed: int) -> dict:
@@ -290,7 +322,7 @@ def run_stage(ctx: Any) -> dict:
   teacher = ckpt.load_params(ctx.parent_workdir, ema=bool(section.teacher_ema))
   pipe = ctx.models.pipeline(teacher)
   check_deployed_schedule(objective, section.data.size, pipe.shift, pipe.vae_scale)
-  pool = build_pool(pipe, section.data)
+  pool = build_pool(pipe, section.data, objective)
   state, _, step, metrics = train_student(ctx, pipe, objective, teacher, pool)
   checkpoint = save_student(ctx.workdir, state.student, ctx.config)
 

@@ -21,6 +21,7 @@ from dreamlite_jax.diffusion import flow
 from dreamlite_jax.models.qwen3_vl import Qwen3VLConfig
 from dreamlite_jax.models.text_conditioning import TextEncoder
 from dreamlite_jax.training import checkpoints as ckpt
+from dreamlite_jax.training import distill
 from dreamlite_jax.training import distill_stage
 from dreamlite_jax.training import state as state_lib
 from experiments import dreamlite_1024_distill
@@ -110,7 +111,16 @@ def test_stage_writes_student_and_three_scores(tmp_path, parts):
   ctx.config.distill.train.steps = 3
   pipe = ctx.models.pipeline(teacher)
   objective = distill_stage.objective_config(ctx.config.distill.objective)
-  pool = distill_stage.build_pool(pipe, ctx.config.distill.data)
+  pool = distill_stage.build_pool(pipe, ctx.config.distill.data, objective)
+  # The regression pairs are sampled once, with the teacher's own guided pipeline.
+  assert pool["ode_noise"].shape == pool["ode_target"].shape == pool["latents"].shape
+  first = {k: v[:1] for k, v in pool.items()}
+  _, condition, cond, uncond = distill.batch_inputs(first, objective.teacher_guided)
+  again = pipe.denoise(jnp.asarray(first["ode_noise"]), condition, cond, uncond,
+                       objective.regression_steps, objective.guidance_scale,
+                       objective.image_guidance_scale)
+  np.testing.assert_allclose(pool["ode_target"][:1], np.asarray(again), atol=1e-5)
+  assert not np.allclose(pool["ode_target"], pool["ode_noise"])
   state, start, end, _ = distill_stage.train_student(ctx, pipe, objective, teacher, pool)
   assert (start, end, int(state.step), int(state.fake.step)) == (2, 3, 3, 3 * 2)
 
@@ -122,6 +132,18 @@ def test_schedule_must_match_the_deployed_sampler(tmp_path, parts):
     distill_stage.check_deployed_schedule(objective, SIZE, flow.ShiftConfig())
   # At 1024px the mobile timesteps are exactly the pipeline's 4-step schedule.
   distill_stage.check_deployed_schedule(objective, 1024, flow.ShiftConfig())
+
+
+def test_regression_needs_the_ode_pairs_in_the_batch(parts):
+  """A batch without `ode_noise`/`ode_target` is refused by name, not silently unregressed."""
+  objective = distill.DistillConfig(student_sigmas=(1.0, 0.5), regression_weight=1.0,
+                                    guidance_scale=1.0)
+  models = distill.DistillModels(predict_fn=lambda p, c, t, k: c * p)
+  batch = {"latents": jnp.zeros((2, 4, 4, 4)), "text": jnp.zeros((2, 3, 8)),
+           "text_mask": jnp.ones((2, 3))}
+  with pytest.raises(KeyError, match="ode_noise"):
+    distill.student_loss(models, 1.0, 1.0, {"score": 1.0}, batch, objective,
+                         jax.random.PRNGKey(0))
 
 
 def test_objective_config_errors_name_the_field():
