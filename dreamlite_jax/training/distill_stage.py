@@ -282,7 +282,7 @@ def train_student(ctx: Any, pipe: Any, objective: distill.DistillConfig, teacher
     while step < train_cfg.steps:
       batch = mesh_lib.shard_batch(pool_batch(pool, step, train_cfg.batch_size, section.data.seed),
                                    mesh)
-      state, out = step_fn(state, teacher, batch)
+      state, out = mesh_lib.wait_on_cpu_mesh(step_fn(state, teacher, batch), mesh)
       step += 1
       bar.update(1)
       if step % train_cfg.log_every == 0 or step == train_cfg.steps:

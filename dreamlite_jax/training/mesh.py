@@ -166,6 +166,22 @@ def shard_batch(batch: Any, mesh: Mesh) -> Any:
   return jax.tree_util.tree_map_with_path(put, batch)
 
 
+def wait_on_cpu_mesh(tree: Any, mesh: Mesh) -> Any:
+  """Blocks until `tree` is computed when `mesh` spans several CPU devices; returns it.
+
+  XLA:CPU runs every device of a multi-device CPU mesh on one host thread pool,
+  and a collective holds its thread until all participants arrive. With the next
+  step already dispatched, its device tasks can take the threads the previous
+  step's all-reduce is waiting for, and the run aborts after 40 s ("Expected 8
+  threads to join the rendezvous"; 2 of 3 runs of the 8-device distillation toy
+  test on 2 cores). Waiting for each step first avoids it; GPUs and TPUs are not
+  affected, so there this is a no-op and steps stay asynchronous.
+  """
+  if mesh.devices.size > 1 and mesh.devices.flat[0].platform == "cpu":
+    jax.block_until_ready(tree)
+  return tree
+
+
 def replicated_fraction(tree: Any, shardings: Any, mesh: Mesh) -> tuple[float, list[tuple[str, int]]]:
   """Fraction of bytes in `tree` not split over the model-parallel axes (fsdp, tensor).
 

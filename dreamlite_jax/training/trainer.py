@@ -183,7 +183,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, loss_fn: step_lib.Los
         if is_main:
           bar.write(f"[train] compiled the step for batch {[s[1] for s in signature]} "
                     f"in {seconds:.1f}s")
-      state, step_metrics = compiled[signature](state, batch, rng, lr)
+      state, step_metrics = mesh_lib.wait_on_cpu_mesh(
+          compiled[signature](state, batch, rng, lr), mesh)
       step += 1
       pending.append((step, step_metrics))
       if step % train_cfg.log_every == 0 or step == total:

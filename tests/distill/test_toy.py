@@ -79,7 +79,7 @@ def test_two_step_student_matches_the_mixture(teacher_mlp, eval_set):
   rng = np.random.default_rng(2)
   for _ in range(400):
     batch = mesh_lib.shard_batch(toy.make_batch(rng, 256), mesh)
-    state, metrics = step(state, teacher_mlp, batch)
+    state, metrics = mesh_lib.wait_on_cpu_mesh(step(state, teacher_mlp, batch), mesh)
   assert int(state.step) == 400 and int(state.fake.step) == 400 * config.fake_updates
   assert int(metrics["skipped"]) == 0
   after = toy.sliced_wasserstein(_sample(toy.mlp_predict, state.student.ema_params, schedule,
