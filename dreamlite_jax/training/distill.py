@@ -13,7 +13,8 @@ The student's x0 prediction at a random one of its steps (reached by running
 its own earlier steps, "backward simulation") is pushed along
 `x0_fake(x_t) - x0_real(x_t)` at a random noise level `t` (the gradient of the
 reverse KL, normalised per example as in DMD). Two-time-scale updates: each
-step does `fake_updates` fake-score updates, then one student update. Optional
+step does `fake_updates` fake-score updates, the last on the same student samples
+the student update then uses, then one student update. Optional
 extras: a regression loss onto teacher ODE pairs (DMD's noise -> teacher image
 pairs, computed once per data row before training: the student, started from
 `ode_noise`, should predict the teacher's guided endpoint `ode_target` at
@@ -247,26 +248,25 @@ def student_inputs(fn: PredictFn, params: Any, noise: jax.Array, condition: jax.
   return jax.lax.stop_gradient(xs[index, jnp.arange(b)])
 
 
-def student_x0(fn: PredictFn, params: Any, latent_shape: tuple[int, ...], condition: jax.Array,
-               cond: dict, config: DistillConfig, rng: jax.Array,
-               sim_params: Any = None, noise: jax.Array | None = None
-               ) -> tuple[jax.Array, jax.Array]:
-  """The student's x0 prediction at a random one of its steps, per example.
-
-  `sim_params` (default `params`) runs the backward simulation without gradient;
-  it starts from `noise` [B, H, W, C] (default: fresh Gaussian noise).
-  Returns (x0 [B, H, W, C] differentiable in `params`, step index [B]).
-  """
+def student_start(fn: PredictFn, params: Any, latent_shape: tuple[int, ...], condition: jax.Array,
+                  cond: dict, config: DistillConfig, rng: jax.Array,
+                  noise: jax.Array | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Where the student is trained: a random one of its steps per example, reached
+  from `noise` [B, H, W, C] (default: fresh Gaussian noise) by its own earlier
+  steps under `params` (no gradient). Returns (x [B, H, W, C], sigma [B], index [B])."""
   k_index, k_noise, k_sim = jax.random.split(rng, 3)
   b = latent_shape[0]
   index = jax.random.randint(k_index, (b,), 0, len(config.student_sigmas))
   if noise is None:
     noise = jax.random.normal(k_noise, latent_shape, jnp.float32)
-  sim = params if sim_params is None else sim_params
-  x = student_inputs(fn, sim, noise, condition, cond, config, index, k_sim)
-  sigma = config.schedule[index]
-  v = _velocity(fn, params, x, sigma, condition, cond)
-  return x - _col(sigma) * v, index
+  x = student_inputs(fn, params, noise, condition, cond, config, index, k_sim)
+  return x, config.schedule[index], index
+
+
+def student_x0(fn: PredictFn, params: Any, x: jax.Array, sigma: jax.Array, condition: jax.Array,
+               cond: dict) -> jax.Array:
+  """The student's one-step x0 prediction from x [B, H, W, C] at sigma [B]."""
+  return x - _col(sigma) * _velocity(fn, params, x, sigma, condition, cond)
 
 
 # ----------------------------------------------------------------------------
@@ -342,22 +342,24 @@ def fake_score_loss(models: DistillModels, fake_params: Any, x0_student: jax.Arr
                 "gan_d_fake_acc": jnp.mean(logits[2 * b:] < 0)}
 
 
-def student_loss(models: DistillModels, student_params: Any, teacher_params: Any,
-                 fake_params: Any, batch: dict, config: DistillConfig,
-                 rng: jax.Array) -> tuple[jax.Array, dict]:
-  """DMD + optional regression + optional GAN generator loss of the student."""
-  latents, condition, cond, uncond = batch_inputs(batch, config.teacher_guided)
-  k_x0, k_dmd, k_gan = jax.random.split(rng, 3)
-  # With the regression on, the student starts from the pairs' noise, so the one x0
-  # serves both losses (no second rollout, no teacher sampling inside the step).
-  noise = _require(batch, "ode_noise").astype(jnp.float32) if config.regression_weight > 0 else None
-  x0, index = student_x0(models.predict_fn, student_params, latents.shape, condition, cond, config,
-                         k_x0, sim_params=jax.lax.stop_gradient(student_params), noise=noise)
+def student_noise(batch: dict, config: DistillConfig) -> jax.Array | None:
+  """The noise the student's samples start from: the ODE pairs' `ode_noise` when the
+  regression is on (so one x0 serves DMD and regression), else None (fresh noise)."""
+  if config.regression_weight <= 0:
+    return None
+  return _require(batch, "ode_noise").astype(jnp.float32)
+
+
+def student_loss(models: DistillModels, x0: jax.Array, teacher_params: Any, fake_params: Any,
+                 batch: dict, config: DistillConfig, rng: jax.Array) -> tuple[jax.Array, dict]:
+  """DMD + optional regression + optional GAN generator loss of the student's samples
+  `x0` [B, H, W, C] (`student_x0`, differentiable in the student's params)."""
+  _, condition, cond, uncond = batch_inputs(batch, config.teacher_guided)
+  k_dmd, k_gan = jax.random.split(rng)
   fake_params = jax.lax.stop_gradient(fake_params)
   loss, metrics = dmd_loss(models, teacher_params, fake_params["score"], x0, condition, cond,
                            uncond, config, k_dmd)
   metrics["dmd_loss"] = loss
-  metrics["student_index_mean"] = jnp.mean(index.astype(jnp.float32))
   loss = config.dmd_weight * loss
   if config.regression_weight > 0:
     reg = jnp.mean((x0 - _require(batch, "ode_target").astype(jnp.float32))**2)
@@ -442,32 +444,51 @@ def distill_step(models: DistillModels, config: DistillConfig,
   replays the same noise. Returns (new state, scalar metrics).
   """
   key = jax.random.fold_in(state.student.rng, state.step)
-  k_fake, k_student = jax.random.split(key)
+  k_x0, k_fresh, k_fake, k_student = jax.random.split(key, 4)
   cast = lambda p: state_lib.cast_params(p, compute_dtype)
   teacher = cast(teacher_params)
   latents, condition, cond, _ = batch_inputs(batch, config.teacher_guided)
-  student_params = jax.lax.stop_gradient(cast(state.student.params))
+  sim_params = jax.lax.stop_gradient(cast(state.student.params))
 
-  def fake_update(fake, i):
-    k_gen, k_loss = jax.random.split(jax.random.fold_in(k_fake, i))
-    x0, _ = student_x0(models.predict_fn, student_params, latents.shape, condition, cond,
-                       config, k_gen)
+  def fake_update(fake, x0_student, i):
+    k_loss = jax.random.fold_in(k_fake, i)
 
     def loss_fn(p):
-      return fake_score_loss(models, cast(p), jax.lax.stop_gradient(x0), latents, condition,
-                             cond, config, k_loss)
+      return fake_score_loss(models, cast(p), x0_student, latents, condition, cond, config,
+                             k_loss)
 
     (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(fake.params)
     fake, grad_norm, finite = step_lib.apply_gradients(fake, loss, grads, tx_fake,
                                                        fake_schedule(fake.step), ema_decay)
     return fake, dict(metrics, fake_grad_norm=grad_norm, fake_finite=finite.astype(jnp.float32))
 
-  fake, fake_metrics = jax.lax.scan(fake_update, state.fake, jnp.arange(config.fake_updates))
+  def fresh_samples(i):
+    x_i, sigma_i, _ = student_start(models.predict_fn, sim_params, latents.shape, condition, cond,
+                                    config, jax.random.fold_in(k_fresh, i))
+    return student_x0(models.predict_fn, sim_params, x_i, sigma_i, condition, cond)
+
+  # Every fake update but the last fits fresh student samples; the last fits the very
+  # samples the student update then pushes on (DMD2's fake score trains on the
+  # generator turn's outputs), so with one fake update the student runs once per step.
+  fake, fake_metrics = state.fake, []
+  if config.fake_updates > 1:
+    fake, scanned = jax.lax.scan(lambda f, i: fake_update(f, fresh_samples(i), i), fake,
+                                 jnp.arange(config.fake_updates - 1))
+    fake_metrics.append(scanned)
+  x, sigma, index = student_start(models.predict_fn, sim_params, latents.shape, condition, cond,
+                                  config, k_x0, noise=student_noise(batch, config))
+  x0_sample = jax.lax.stop_gradient(
+      student_x0(models.predict_fn, sim_params, x, sigma, condition, cond))
+  fake, last = fake_update(fake, x0_sample, config.fake_updates - 1)
+  fake_metrics = jax.tree.map(lambda *v: jnp.concatenate(v),
+                              *fake_metrics, jax.tree.map(lambda v: v[None], last))
 
   def s_loss(p):
-    return student_loss(models, cast(p), teacher, fake.params, batch, config, k_student)
+    x0 = student_x0(models.predict_fn, cast(p), x, sigma, condition, cond)
+    return student_loss(models, x0, teacher, fake.params, batch, config, k_student)
 
   (loss, metrics), grads = jax.value_and_grad(s_loss, has_aux=True)(state.student.params)
+  metrics["student_index_mean"] = jnp.mean(index.astype(jnp.float32))
   student, grad_norm, finite = step_lib.apply_gradients(
       state.student, loss, grads, tx_student, student_schedule(state.student.step), ema_decay)
   out = {k: jnp.mean(v.astype(jnp.float32)) for k, v in metrics.items()}

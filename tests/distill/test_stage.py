@@ -142,8 +142,13 @@ def test_regression_needs_the_ode_pairs_in_the_batch(parts):
   batch = {"latents": jnp.zeros((2, 4, 4, 4)), "text": jnp.zeros((2, 3, 8)),
            "text_mask": jnp.ones((2, 3))}
   with pytest.raises(KeyError, match="ode_noise"):
-    distill.student_loss(models, 1.0, 1.0, {"score": 1.0}, batch, objective,
+    distill.student_noise(batch, objective)
+  with pytest.raises(KeyError, match="ode_target"):
+    distill.student_loss(models, jnp.zeros((2, 4, 4, 4)), 1.0, {"score": 1.0}, batch, objective,
                          jax.random.PRNGKey(0))
+  # Without the regression the student draws fresh noise and needs no pairs.
+  objective = distill.DistillConfig(student_sigmas=(1.0, 0.5), guidance_scale=1.0)
+  assert distill.student_noise(batch, objective) is None
 
 
 def test_objective_config_errors_name_the_field():
