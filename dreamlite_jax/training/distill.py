@@ -462,23 +462,23 @@ def distill_step(models: DistillModels, config: DistillConfig,
                                                        fake_schedule(fake.step), ema_decay)
     return fake, dict(metrics, fake_grad_norm=grad_norm, fake_finite=finite.astype(jnp.float32))
 
-  def fresh_samples(i):
-    x_i, sigma_i, _ = student_start(models.predict_fn, sim_params, latents.shape, condition, cond,
-                                    config, jax.random.fold_in(k_fresh, i))
-    return student_x0(models.predict_fn, sim_params, x_i, sigma_i, condition, cond)
+  def samples(rng, noise=None):
+    """(x, sigma, index, x0 without gradient) of the student at its current params."""
+    x, sigma, index = student_start(models.predict_fn, sim_params, latents.shape, condition, cond,
+                                    config, rng, noise=noise)
+    x0 = student_x0(models.predict_fn, sim_params, x, sigma, condition, cond)
+    return x, sigma, index, jax.lax.stop_gradient(x0)
 
   # Every fake update but the last fits fresh student samples; the last fits the very
   # samples the student update then pushes on (DMD2's fake score trains on the
   # generator turn's outputs), so with one fake update the student runs once per step.
   fake, fake_metrics = state.fake, []
   if config.fake_updates > 1:
-    fake, scanned = jax.lax.scan(lambda f, i: fake_update(f, fresh_samples(i), i), fake,
-                                 jnp.arange(config.fake_updates - 1))
+    fake, scanned = jax.lax.scan(
+        lambda f, i: fake_update(f, samples(jax.random.fold_in(k_fresh, i))[3], i), fake,
+        jnp.arange(config.fake_updates - 1))
     fake_metrics.append(scanned)
-  x, sigma, index = student_start(models.predict_fn, sim_params, latents.shape, condition, cond,
-                                  config, k_x0, noise=student_noise(batch, config))
-  x0_sample = jax.lax.stop_gradient(
-      student_x0(models.predict_fn, sim_params, x, sigma, condition, cond))
+  x, sigma, index, x0_sample = samples(k_x0, student_noise(batch, config))
   fake, last = fake_update(fake, x0_sample, config.fake_updates - 1)
   fake_metrics = jax.tree.map(lambda *v: jnp.concatenate(v),
                               *fake_metrics, jax.tree.map(lambda v: v[None], last))
