@@ -1,7 +1,8 @@
-"""Stage 5 at paper scale: reward fine-tuning after SFT (Flow-GRPO, or ReFL).
+"""Stage 5 at paper scale: reward fine-tuning after SFT (Flow-GRPO, DiffusionNFT or ReFL).
 
-`rl.method` selects the algorithm: "flow_grpo" (alias "grpo") or "refl"
-(differentiable reward `rl.reward`, thresholds and regulariser in `rl.refl`).
+`rl.method` selects the algorithm: "flow_grpo" (alias "grpo"), "nft" (DiffusionNFT:
+flow matching on the policy's own ODE samples, `rl.nft`) or "refl" (differentiable
+reward `rl.reward`, thresholds and regulariser in `rl.refl`).
 
 Overlays the shared base. The online method is Flow-GRPO: 16 prompts x G = 8
 SDE samples per iteration at 1024px, 10 sampling steps with text CFG 3.5,
@@ -37,6 +38,9 @@ def get_config():
       grpo=ml_collections.ConfigDict(dict(
           group_size=8, noise_level=0.7, clip_range=1e-4, adv_clip=5.0, kl_beta=0.04,
           guidance=3.5, image_guidance=0.0)),
+      nft=ml_collections.ConfigDict(dict(
+          group_size=8, beta=1.0, adv_clip=2.0, noise_draws=1, sample_steps=28, guidance=3.5,
+          image_guidance=1.0)),
       refl=ml_collections.ConfigDict(dict(
           t2i_threshold=0.9, edit_threshold=0.85, reward_weight=1e-3, pretrain_weight=1.0,
           num_steps=28, late_steps=10, shift_mu=1.15)),

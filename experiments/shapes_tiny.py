@@ -42,7 +42,8 @@ SMOKE = (
     *[f"{s}.{field}" for s in _UNET_STAGES for field in (
         "train.steps=4", "train.batch_size=8", "train.warmup_steps=1")],
     "rl.iterations=1", "rl.prompts_per_iteration=2", "rl.sample_steps=2", "rl.num_minibatches=1",
-    "rl.grpo.group_size=2", "rl.eval.per_category=1", "rl.eval.per_type=1",
+    "rl.grpo.group_size=2", "rl.nft.group_size=2", "rl.nft.noise_draws=2",
+    "rl.nft.sample_steps=2", "rl.eval.per_category=1", "rl.eval.per_type=1",
     "rl.eval.sampler.steps=2", "rl.eval.sampler.batch_size=8",
     "distill.train.steps=2", "distill.train.batch_size=8", "distill.objective.fake_updates=1",
     "distill.objective.regression_steps=2", "distill.data.pool_size=8",
@@ -179,21 +180,30 @@ def get_config() -> ml_collections.ConfigDict:
       enabled=True, per_category=4, per_type=2,
       sampler=_sampler(steps=20, guidance=3.5, image_guidance=1.0, batch_size=48)))
 
-  # RL after SFT (dreamlite_jax/training/rl_stage.py): Flow-GRPO with the exact shapes
-  # reward; 8 prompts x 4 samples x 8 SDE steps = 256 transition rows per iteration.
+  # RL after SFT (dreamlite_jax/training/rl_stage.py): DiffusionNFT with the exact shapes
+  # reward; 16 prompts x 4 samples of the teacher's 20-step CFG sampler per iteration, each
+  # noised twice = 128 flow-matching rows in 4 updates. Flow-GRPO (`method="grpo"`; measured
+  # with iterations=4, prompts_per_iteration=8, num_minibatches=2, train.lr=3e-5) raised its
+  # own SDE sampler's score but lowered this ODE sampler's, which distillation starts from;
+  # NFT did not (README, "The main job").
   config.rl = ml_collections.ConfigDict(dict(
-      # method: "grpo" (Flow-GRPO, exact programmatic reward) or "refl" (ReFL through the
-      # learned differentiable shapes reward `reward`, thresholds/regulariser in `refl`).
-      method="grpo", reward=dict(name="learned_shapes", path=""),
+      # method: "nft" (DiffusionNFT), "grpo" (Flow-GRPO), both with the exact programmatic
+      # reward, or "refl" (ReFL through the learned differentiable shapes reward `reward`,
+      # thresholds/regulariser in `refl`).
+      method="nft", reward=dict(name="learned_shapes", path=""),
       refl=dict(t2i_threshold=0.9, edit_threshold=0.9, reward_weight=1.0, pretrain_weight=1.0,
                 num_steps=8, late_steps=3, shift_mu=0.0),
-      parent="sft", use_ema=True, iterations=4, prompts_per_iteration=8, edit_fraction=0.5,
-      sample_steps=8, num_minibatches=2, checkpoint_every=2,
+      parent="sft", use_ema=True, iterations=12, prompts_per_iteration=16, edit_fraction=0.5,
+      sample_steps=8, num_minibatches=4, checkpoint_every=4,
       grpo=ml_collections.ConfigDict(dict(group_size=4, noise_level=0.7, clip_range=0.05,
                                           adv_clip=5.0, kl_beta=0.01, guidance=3.5,
                                           image_guidance=0.0)),
+      # DiffusionNFT (`method="nft"`): rollouts with the teacher's ODE sampler, G per prompt,
+      # `noise_draws` forward-process rows per sample.
+      nft=ml_collections.ConfigDict(dict(group_size=4, beta=1.0, adv_clip=2.0, noise_draws=2,
+                                         sample_steps=20, guidance=3.5, image_guidance=1.0)),
       train=train_defaults.train_config(
-          steps=60, batch_size=128, lr=3e-5, schedule="constant", warmup_steps=0,
+          steps=60, batch_size=128, lr=3e-4, schedule="constant", warmup_steps=0,
           weight_decay=0.0, grad_clip=1.0, ema_decay=0.9, log_every=1, checkpoint_every=20,
           keep_checkpoints=1, async_checkpoints=False),
       # Scored with the teacher's sampler: RL tunes the model distillation starts from.

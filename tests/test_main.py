@@ -79,6 +79,21 @@ def test_rerun_after_deleting_last_stage_reruns_only_it(smoke_job):
   assert again[last]["results"].keys() == records[last]["results"].keys()
 
 
+def test_rl_stage_runs_flow_grpo_too(smoke_job, tmp_path):
+  """The smoke job's RL stage is DiffusionNFT (the default); Flow-GRPO, the other online
+  method, runs end to end from the same SFT checkpoint."""
+  workdir, records = smoke_job
+  assert records["rl"]["results"]["rl"]["method"] == "nft"
+  copy = str(tmp_path / "grpo")
+  os.makedirs(copy)
+  for name in ("data", "vae", "pretrain_t2i", "pretrain_edit", "pretrain_joint", "sft"):
+    os.symlink(os.path.join(workdir, name), os.path.join(copy, name))
+  again = _run(copy, "--stages", "rl", "--config.rl.method=grpo")
+  rl = again["rl"]["results"]["rl"]
+  assert rl["method"] == "flow_grpo"
+  assert math.isfinite(rl["kl_to_reference"]) and 0.0 <= rl["after"] <= 1.0
+
+
 def test_unknown_stage_and_missing_parent_fail_loudly(tmp_path):
   with pytest.raises(ConfigError, match="unknown stage"):
     stages.parse_stages("vae,pretrain_everything")

@@ -210,14 +210,15 @@ def flatten_rollout(out: dict, condition: np.ndarray, sigmas: np.ndarray, cond: 
 
 def update(step_fn: Callable, state: Any, rows: dict, num_minibatches: int, mesh: Any,
            rng: jax.Array, seed: int) -> tuple[Any, list[dict]]:
-  """Shuffles the rows and takes one shared-train-step update per minibatch.
+  """Shuffles the rows (leading axis N, one `sigma` [N] each) and takes one
+  shared-train-step update per minibatch (DiffusionNFT's rows go through it too).
 
   The first minibatch is exactly on-policy (ratio 1); later ones see the
   params already moved, which is where the ratio clip acts.
   Returns (state, per-minibatch metrics as floats).
   """
   from dreamlite_jax.training import mesh as mesh_lib
-  n = len(rows["advantage"])
+  n = len(rows["sigma"])
   if n % num_minibatches:
     raise ValueError(f"{n} transition rows do not split into {num_minibatches} minibatches")
   order = np.random.default_rng(seed).permutation(n)

@@ -1,31 +1,35 @@
-"""The `rl` stage of a job: Flow-GRPO or ReFL from the SFT checkpoint on the shapes world.
+"""The `rl` stage of a job: Flow-GRPO, DiffusionNFT or ReFL from the SFT checkpoint.
 
-`rl.method` picks the algorithm: "grpo" (alias "flow_grpo", the default) is
-online RL with the exact programmatic shapes reward; "refl" backpropagates a
-differentiable reward (`rl.reward.name`, default the learned shapes reward,
-`rl.reward.path` its weights) through a one-step x0 prediction at a late
-timestep, with the thresholds and regulariser weight of `rl.refl`
-(`ReFLConfig` fields). Both are scored before/after with the exact evaluator.
+`rl.method` picks the algorithm: "grpo" (alias "flow_grpo", the default) and
+"nft" (DiffusionNFT, `training/rl_nft.py`) are online RL with the exact
+programmatic shapes reward; "refl" backpropagates a differentiable reward
+(`rl.reward.name`, default the learned shapes reward, `rl.reward.path` its
+weights) through a one-step x0 prediction at a late timestep, with the thresholds
+and regulariser weight of `rl.refl` (`ReFLConfig` fields). All are scored
+before/after with the exact evaluator.
 
 Follows the stage-runner contract of `dreamlite_jax/stages.py`
 (`run_stage(ctx: StageContext) -> dict`). Steps:
   1. score the parent's U-Net (EMA) on the fixed held-in prompt set and the
      held-out split (`shapes_stage.evaluate` with `eval.sampler`, the teacher's
      many-step CFG sampler: RL tunes the model distillation starts from) = "before";
-  2. GRPO iterations: draw prompts (T2I and edit, `edit_fraction`) from the
-     training generator, roll out G SDE samples each with the current params,
-     decode with the VAE, reward them with `ShapesReward` (partial credit), take
-     group-relative advantages and `num_minibatches` shared-train-step updates
-     of the clipped GRPO loss with a KL to the SFT model;
-  3. score again = "after"; report reward, KL to the reference and a sample
-     diversity figure (mean per-pixel std within a prompt's group) first vs last.
+  2. online iterations: draw prompts (T2I and edit, `edit_fraction`) from the
+     training generator, sample G results each with the current params (GRPO: SDE
+     rollouts with per-step log-probs; NFT: the pipeline's ODE sampler), decode with
+     the VAE, reward them with `ShapesReward` (partial credit), take group-relative
+     advantages and `num_minibatches` shared-train-step updates (GRPO: the clipped
+     loss with a KL to the SFT model; NFT: the negative-aware flow-matching loss);
+  3. score again = "after"; report reward, the distance to the reference (GRPO: KL;
+     NFT: mean squared velocity change) and a sample diversity figure (mean
+     per-pixel std within a prompt's group) first vs last.
 The TrainState is born sharded on the job's mesh and checkpointed with the
 shared orbax manager, so a re-run resumes at the last saved iteration.
 
 Section fields: parent, use_ema, iterations, prompts_per_iteration,
-edit_fraction, num_minibatches, sample_steps, checkpoint_every, grpo
-(GRPOConfig fields), train (trainer fields), eval (per_category, per_type, sampler);
-method ("grpo" | "refl"), refl (ReFLConfig fields), reward (name, path) for ReFL.
+edit_fraction, num_minibatches, sample_steps (GRPO), checkpoint_every, grpo
+(GRPOConfig fields), nft (NFTConfig fields), train (trainer fields), eval
+(per_category, per_type, sampler); method ("grpo" | "nft" | "refl"), refl
+(ReFLConfig fields), reward (name, path) for ReFL.
 A ReFL iteration is one train step on prompts_per_iteration examples.
 """
 from __future__ import annotations
@@ -51,12 +55,13 @@ from dreamlite_jax.training import metrics as metrics_lib
 from dreamlite_jax.training import pretrain_loss
 from dreamlite_jax.training import pretrain_stage
 from dreamlite_jax.training import rl_grpo
+from dreamlite_jax.training import rl_nft
 from dreamlite_jax.training import rl_refl
 from dreamlite_jax.training import state as state_lib
 from dreamlite_jax.training import step as step_lib
 
 PROMPT_SEED = 7_000_003  # RL prompts: training pairs, a stream apart from SFT data and eval
-METHODS = {"grpo": "flow_grpo", "flow_grpo": "flow_grpo", "refl": "refl"}
+METHODS = {"grpo": "flow_grpo", "flow_grpo": "flow_grpo", "nft": "nft", "refl": "refl"}
 
 
 def draw_prompts(iteration: int, count: int, edit_fraction: float, size: int, seed: int
@@ -147,6 +152,34 @@ def _grpo_iteration(config, state, items, group, conditioner, rollout, reference
   batch = rl_grpo.flatten_rollout(out, condition, sigmas, cond, uncond, adv)
   state, history = rl_grpo.update(step_fn, state, batch, int(section.num_minibatches), mesh,
                                   rng, config.seed * 7919 + it)
+  return _iteration_scalars(history, rewards, metas, images, group, state)
+
+
+def _nft_iteration(config, state, items, nft, conditioner, pipe, velocity, reference, reward,
+                   step_fn, mesh, rng, it, section) -> dict:
+  """One DiffusionNFT iteration: sample with the pipeline's ODE, reward, optimality
+  probabilities, forward-process rows, minibatch updates."""
+  group = nft.group_size
+  condition, cond, uncond, sources = conditioner(items, group)
+  params = jax.device_get(state.params)
+  noise = jax.random.normal(jax.random.PRNGKey(config.seed * 100_003 + it), condition.shape)
+  guided = nft.guidance > 0
+  latents = np.asarray(pipe.with_unet_params(params).denoise(
+      noise, jnp.asarray(condition), cond, uncond if guided else None, nft.sample_steps,
+      nft.guidance if guided else None, (nft.image_guidance or None) if guided else None))
+  images = conditioner.decode(latents)
+  metas = [it_["metadata"] for it_ in items for _ in range(group)]
+  rewards = reward(images, metas, sources)
+  r = rl_nft.optimality(rl_grpo.group_advantages(rewards, group), nft.adv_clip)
+  rows = rl_nft.training_rows(velocity, params, reference, latents, condition, cond, r,
+                              nft.noise_draws, np.random.default_rng([config.seed, it]))
+  state, history = rl_grpo.update(step_fn, state, rows, int(section.num_minibatches), mesh,
+                                  rng, config.seed * 7919 + it)
+  return _iteration_scalars(history, rewards, metas, images, group, state)
+
+
+def _iteration_scalars(history, rewards, metas, images, group, state) -> dict:
+  """Mean update metrics, train rewards (all, T2I, edit), diversity, and the new state."""
   edit = np.array([m.get("edit_type") is not None for m in metas])
   scalars = {k: float(np.mean([h[k] for h in history])) for k in history[0]}
   scalars.update(reward=float(rewards.mean()),
@@ -186,11 +219,16 @@ def run_stage(ctx) -> dict:
     raise ConfigError(f"config.{ctx.name}.method={section.get('method')!r}; expected one of "
                       f"{sorted(METHODS)}")
   grpo = rl_grpo.GRPOConfig(**section.grpo.to_dict())
+  nft = rl_nft.NFTConfig(**(section.nft.to_dict() if "nft" in section else {}))
   group, prompts = grpo.group_size, int(section.prompts_per_iteration)
   rows = prompts * group * int(section.sample_steps)
   if method == "flow_grpo" and rows % int(section.num_minibatches):
     raise ConfigError(f"config.{ctx.name}: prompts_per_iteration * grpo.group_size * "
                       f"sample_steps = {rows} is not divisible by num_minibatches")
+  nft_rows = prompts * nft.group_size * nft.noise_draws
+  if method == "nft" and nft_rows % int(section.num_minibatches):
+    raise ConfigError(f"config.{ctx.name}: prompts_per_iteration * nft.group_size * "
+                      f"nft.noise_draws = {nft_rows} is not divisible by num_minibatches")
 
   mesh = mesh_lib.make_mesh(config.mesh)
   tx = state_lib.make_optimizer(config.train)
@@ -217,6 +255,9 @@ def run_stage(ctx) -> dict:
     vae, vae_params = models.vae, models.vae_params
     decode = lambda z: vae.apply({"params": vae_params}, z, method="decode")
     loss_fn = rl_refl.make_refl_loss(predict, decode, reward.differentiable, refl_config)
+  elif method == "nft":
+    reward = ShapesReward()
+    loss_fn = rl_nft.make_nft_loss(predict, nft)
   else:
     reward = ShapesReward()
     loss_fn = rl_grpo.make_grpo_loss(predict, grpo)
@@ -228,6 +269,7 @@ def run_stage(ctx) -> dict:
   step_fn = lambda state, batch, rng: jitted_step(
       state, batch, rng, step_lib.learning_rate(schedule, int(jax.device_get(state.step))))
   rollout = rl_grpo.make_rollout(predict, grpo)
+  velocity = rl_nft.make_velocity(predict)
   sigmas = flow.sampling_sigmas(int(section.sample_steps), 0.0)
   rng = jax.device_put(np.asarray(jax.device_get(state.rng)), mesh_lib.replicated(mesh))
 
@@ -251,6 +293,10 @@ def run_stage(ctx) -> dict:
       batch = refl_batch(conditioner, reward, items)
       state, metrics = step_fn(state, mesh_lib.shard_batch(batch, mesh), rng)
       scalars = {k: float(np.asarray(v.addressable_data(0))) for k, v in metrics.items()}
+    elif method == "nft":
+      scalars = _nft_iteration(config, state, items, nft, conditioner, models.pipeline(reference),
+                               velocity, reference, reward, step_fn, mesh, rng, it, section)
+      state = scalars.pop("state")
     else:
       scalars = _grpo_iteration(config, state, items, group, conditioner, rollout, reference,
                                 sigmas, reward, step_fn, mesh, rng, it, section)
@@ -280,11 +326,14 @@ def run_stage(ctx) -> dict:
         "edit_heldout_after": after_s["edit_heldout"],
         "train_reward_first": log[0]["reward"] if log else None,
         "train_reward_last": log[-1]["reward"] if log else None,
+        # GRPO: the KL of its SDE policy to the SFT model; NFT: the mean squared change
+        # of the conditional velocity from the SFT model's on the last rows.
         "kl_to_reference": log[-1].get("kl_ref") if log else None,
+        "velocity_drift_to_reference": log[-1].get("drift_ref") if log else None,
         "diversity_first": log[0].get("diversity") if log else None,
         "diversity_last": log[-1].get("diversity") if log else None,
         "method": method,
-        "reward": ("shapes (programmatic, partial credit)" if method == "flow_grpo"
+        "reward": ("shapes (programmatic, partial credit)" if method in ("flow_grpo", "nft")
                    else f"{type(reward).__name__} (differentiable)")}
   with open(os.path.join(ctx.workdir, "scores.json"), "w") as f:
     json.dump({"rl": rl, "before": progress["before"], "after": after}, f, indent=2)
