@@ -209,9 +209,10 @@ def flatten_rollout(out: dict, condition: np.ndarray, sigmas: np.ndarray, cond: 
 
 
 def update(step_fn: Callable, state: Any, rows: dict, num_minibatches: int, mesh: Any,
-           rng: jax.Array, seed: int) -> tuple[Any, list[dict]]:
-  """Shuffles the rows (leading axis N, one `sigma` [N] each) and takes one
-  shared-train-step update per minibatch (DiffusionNFT's rows go through it too).
+           rng: jax.Array, seed: int, block: int = 1) -> tuple[Any, list[dict]]:
+  """Shuffles the rows (leading axis N, one `sigma` [N] each) in blocks of `block`
+  consecutive rows and takes one shared-train-step update per minibatch
+  (DiffusionNFT's rows go through it too, a prompt's group as one block).
 
   The first minibatch is exactly on-policy (ratio 1); later ones see the
   params already moved, which is where the ratio clip acts.
@@ -219,9 +220,11 @@ def update(step_fn: Callable, state: Any, rows: dict, num_minibatches: int, mesh
   """
   from dreamlite_jax.training import mesh as mesh_lib
   n = len(rows["sigma"])
-  if n % num_minibatches:
-    raise ValueError(f"{n} transition rows do not split into {num_minibatches} minibatches")
-  order = np.random.default_rng(seed).permutation(n)
+  if n % num_minibatches or (n // num_minibatches) % block:
+    raise ValueError(f"{n} rows do not split into {num_minibatches} minibatches of whole "
+                     f"blocks of {block}")
+  order = (np.random.default_rng(seed).permutation(n // block)[:, None] * block
+           + np.arange(block)).reshape(-1)
   size = n // num_minibatches
   history = []
   for i in range(num_minibatches):

@@ -11,8 +11,8 @@ One iteration (`rl_stage.py` drives it):
   1. sample G results per prompt with the current params (the sampling policy,
      velocity `v_old`), reward them, and turn the group-relative advantages
      into an optimality probability `r = 0.5 + 0.5 clip(adv / adv_clip, -1, 1)`;
-  2. noise each clean sample on the forward process, `x_t = (1 - s) x0 + s eps`,
-     and record `v_old(x_t)` (`training_rows`);
+  2. noise each clean sample on the forward process, `x_t = (1 - s) x0 + s eps`
+     (one (s, eps) per prompt and draw), and record `v_old(x_t)` (`training_rows`);
   3. minimise, through the shared train step (`make_nft_loss`),
        [ r |x0(v+) - x0|^2 / w+  +  (1 - r) |x0(v-) - x0|^2 / w- ] / beta,
      v+ = (1 - beta) v_old + beta v_theta   (the implicit positive policy),
@@ -46,7 +46,7 @@ class NFTConfig:
   beta: float = 1.0            # step of the implicit policies v+- around v_old
   adv_clip: float = 2.0        # advantages are clipped to +-adv_clip, then mapped to r in [0, 1]
   noise_draws: int = 2         # forward-process noisings (training rows) per sample
-  sample_steps: int = 20       # rollout sampler: Euler ODE steps (the pipeline's schedule)
+  sample_steps: int = 10       # rollout sampler: Euler ODE steps (the pipeline's schedule)
   guidance: float = 3.5        # rollout text CFG (0 = none)
   image_guidance: float = 1.0  # rollout image guidance for edits (dual guidance)
 
@@ -78,23 +78,35 @@ def make_velocity(predict_fn: PredictFn) -> Callable:
 
 
 def training_rows(velocity: Callable, old_params: Any, ref_params: Any, latents: np.ndarray,
-                  condition: np.ndarray, cond: dict, r: np.ndarray, draws: int,
+                  condition: np.ndarray, cond: dict, r: np.ndarray, draws: int, group_size: int,
                   rng: np.random.Generator) -> dict:
   """Forward-process rows of one iteration's samples, `draws` noisings each.
+
+  The G samples of a prompt share each draw's noise level and noise (common random
+  numbers): their optimality weights 2r - 1 sum to about zero, so the part of the
+  gradient that depends only on (sigma, eps) cancels within the group and what is left
+  is the contrast between the prompt's samples. Each row still has the forward
+  process's distribution, so the loss is unchanged in expectation.
 
   Args:
     velocity: `make_velocity`'s function; old_params: the sampling policy;
       ref_params: the RL start (only for the reported drift).
-    latents, condition: [B, h, w, C] clean samples and their condition halves;
-      cond {text, text_mask, time_ids} [B, ...]; r: [B] optimality.
-  Returns numpy rows with leading axis draws * B: x0, x_t, sigma, v_old, v_ref,
-    optimality, condition, cond.
+    latents, condition: [B, h, w, C] clean samples and their condition halves, the G
+      samples of each prompt contiguous; cond {text, text_mask, time_ids} [B, ...];
+      r: [B] optimality.
+  Returns numpy rows with leading axis draws * B (draw-major, groups contiguous): x0,
+    x_t, sigma, v_old, v_ref, optimality, condition, cond.
   """
+  b = len(latents)
+  if b % group_size:
+    raise ValueError(f"{b} samples do not split into groups of {group_size}")
   rep = lambda a: np.concatenate([np.asarray(a)] * draws)
   x0 = rep(latents).astype(np.float32)
-  sigma = rng.uniform(0.0, 1.0, len(x0)).astype(np.float32)
-  noise = rng.standard_normal(x0.shape).astype(np.float32)
-  x_t = (1.0 - sigma[:, None, None, None]) * x0 + sigma[:, None, None, None] * noise
+  groups = draws * b // group_size
+  sigma = np.repeat(rng.uniform(0.0, 1.0, groups), group_size).astype(np.float32)
+  noise = np.repeat(rng.standard_normal((groups,) + x0.shape[1:]), group_size, axis=0)
+  x_t = ((1.0 - sigma[:, None, None, None]) * x0
+         + sigma[:, None, None, None] * noise).astype(np.float32)
   rows = {"x0": x0, "x_t": x_t, "sigma": sigma, "optimality": rep(r).astype(np.float32),
           "condition": rep(condition).astype(np.float32),
           "cond": {k: rep(v) for k, v in cond.items()}}

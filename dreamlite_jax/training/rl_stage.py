@@ -172,9 +172,9 @@ def _nft_iteration(config, state, items, nft, conditioner, pipe, velocity, refer
   rewards = reward(images, metas, sources)
   r = rl_nft.optimality(rl_grpo.group_advantages(rewards, group), nft.adv_clip)
   rows = rl_nft.training_rows(velocity, params, reference, latents, condition, cond, r,
-                              nft.noise_draws, np.random.default_rng([config.seed, it]))
+                              nft.noise_draws, group, np.random.default_rng([config.seed, it]))
   state, history = rl_grpo.update(step_fn, state, rows, int(section.num_minibatches), mesh,
-                                  rng, config.seed * 7919 + it)
+                                  rng, config.seed * 7919 + it, block=group)
   return _iteration_scalars(history, rewards, metas, images, group, state)
 
 

@@ -44,7 +44,7 @@ def _rows(params, x0, r, seed=0):
   b = len(x0)
   return jax.tree.map(jnp.asarray, rl_nft.training_rows(
       velocity, params, params, x0, np.zeros_like(x0), _cond(b), np.asarray(r, np.float32), 2,
-      np.random.default_rng(seed)))
+      2, np.random.default_rng(seed)))
 
 
 def test_neutral_rows_leave_the_velocity_and_positives_pull_it():
@@ -59,6 +59,27 @@ def test_neutral_rows_leave_the_velocity_and_positives_pull_it():
   assert float(jnp.max(-grad(_rows(params, x0, [0.0] * 4)))) < 0
   _, metrics = loss_fn(params, _rows(params, x0, [1.0] * 4), None)
   np.testing.assert_allclose(float(metrics["drift_old"]), 0.0, atol=1e-10)
+
+
+def test_a_groups_rows_share_noise_and_stay_in_one_minibatch():
+  params = {"m": jnp.zeros((4,))}
+  x0 = np.random.default_rng(0).normal(size=(8, 2, 2, 4)).astype(np.float32)
+  rows = jax.tree.map(np.asarray, _rows(params, x0, [1.0, 0.0, 0.5, 0.5] * 2))  # groups of 2
+  sigma = rows["sigma"]
+  eps = (rows["x_t"] - (1 - sigma[:, None, None, None]) * rows["x0"]) / sigma[:, None, None, None]
+  for g in range(8):  # 2 draws x 4 groups
+    assert sigma[2 * g] == sigma[2 * g + 1]
+    np.testing.assert_allclose(eps[2 * g], eps[2 * g + 1], atol=1e-4)
+  assert len(set(sigma.tolist())) == 8
+  seen = []
+  step = lambda state, batch, rng: (state, seen.append(np.asarray(batch["sigma"])) or {})
+  mesh = mesh_lib.make_mesh(train_defaults.mesh_config())
+  rl_grpo.update(step, None, rows, 2, mesh, None, seed=3, block=2)
+  assert sorted(np.concatenate(seen).tolist()) == sorted(sigma.tolist())
+  for batch in seen:
+    np.testing.assert_array_equal(batch[0::2], batch[1::2])
+  with pytest.raises(ValueError, match="blocks of 2"):
+    rl_grpo.update(step, None, rows, 16, mesh, None, seed=3, block=2)
 
 
 _RED, _BLUE = np.array(shapes.COLORS["red"], np.float32), np.array(shapes.COLORS["blue"], np.float32)
@@ -109,8 +130,9 @@ def test_nft_run_raises_the_programmatic_shapes_reward_of_the_ode_sampler():
     means.append(float(rewards.mean()))
     r = rl_nft.optimality(rl_grpo.group_advantages(rewards, config.group_size), config.adv_clip)
     rows = rl_nft.training_rows(velocity, params, ref, latents, np.zeros_like(latents), cond, r,
-                                config.noise_draws, np.random.default_rng(it))
-    state, history = rl_grpo.update(step_fn, state, rows, 2, mesh, key, it)
+                                config.noise_draws, config.group_size, np.random.default_rng(it))
+    state, history = rl_grpo.update(step_fn, state, rows, 2, mesh, key, it,
+                                    block=config.group_size)
     assert all(h["finite"] == 1 for h in history)
   assert np.mean(means[-3:]) > np.mean(means[:3]) + 0.25, means
   assert float(np.asarray(jax.device_get(state.params)["m"])[0]) > 0.0
