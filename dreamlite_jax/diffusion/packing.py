@@ -8,8 +8,12 @@ The condition half is never noised, and only the left half of the output is used
 """
 from __future__ import annotations
 
+from typing import Any, Callable
+
 import jax
 import jax.numpy as jnp
+
+from dreamlite_jax.diffusion import flow
 
 
 def check_latents(name: str, x: jax.Array) -> None:
@@ -84,3 +88,12 @@ def target_mask(canvas_shape: tuple[int, ...], dtype=jnp.float32) -> jax.Array:
     raise ValueError(f"canvas shape must be [B, H, 2W, C] with even width, got {canvas_shape}")
   w = canvas_shape[2] // 2
   return jnp.concatenate([jnp.ones((1, 1, w, 1), dtype), jnp.zeros((1, 1, w, 1), dtype)], axis=2)
+
+
+def target_velocity(predict_fn: Callable[[Any, jax.Array, jax.Array, Any], jax.Array], params: Any,
+                    x: jax.Array, sigma: jax.Array, condition: jax.Array, cond: Any) -> jax.Array:
+  """Velocity of the target half of `[x | condition]` under a canvas model, each row at its
+  own noise level: `predict_fn(params, canvas, timestep, cond)`, x and condition
+  [B, H, W, C], sigma [B] (the model sees `sigma * 1000`). Returns float32 [B, H, W, C]."""
+  out = predict_fn(params, pack(x, condition), sigma * flow.NUM_TRAIN_TIMESTEPS, cond)
+  return unpack_target(out).astype(jnp.float32)

@@ -185,13 +185,6 @@ def _col(sigma: jax.Array) -> jax.Array:
   return sigma.reshape(-1, 1, 1, 1)
 
 
-def _velocity(fn: PredictFn, params: Any, x: jax.Array, sigma: jax.Array, condition: jax.Array,
-              cond: dict) -> jax.Array:
-  """Target-half velocity at per-example noise levels `sigma` [B]."""
-  out = fn(params, packing.pack(x, condition), sigma * flow.NUM_TRAIN_TIMESTEPS, cond)
-  return packing.unpack_target(out).astype(jnp.float32)
-
-
 def guided_teacher_velocity(fn: PredictFn, params: Any, x: jax.Array, sigma: jax.Array,
                             condition: jax.Array, cond: dict, uncond: dict | None,
                             guidance_scale: float, image_guidance_scale: float | None) -> jax.Array:
@@ -200,15 +193,16 @@ def guided_teacher_velocity(fn: PredictFn, params: Any, x: jax.Array, sigma: jax
   Guidance 1 without image guidance is the plain conditional field (one branch).
   """
   if uncond is None or (guidance_scale == 1.0 and image_guidance_scale is None):
-    return _velocity(fn, params, x, sigma, condition, cond)
+    return packing.target_velocity(fn, params, x, sigma, condition, cond)
   b = x.shape[0]
   if image_guidance_scale is None:
     conds, cond_lat = [uncond, cond], [condition, condition]
   else:
     conds, cond_lat = [uncond, uncond, cond], [jnp.zeros_like(condition), condition, condition]
   n = len(conds)
-  v = _velocity(fn, params, jnp.concatenate([x] * n), jnp.concatenate([sigma] * n),
-                jnp.concatenate(cond_lat), jax.tree.map(lambda *xs: jnp.concatenate(xs), *conds))
+  v = packing.target_velocity(fn, params, jnp.concatenate([x] * n),
+                              jnp.concatenate([sigma] * n), jnp.concatenate(cond_lat),
+                              jax.tree.map(lambda *xs: jnp.concatenate(xs), *conds))
   if n == 2:
     u, vt = v[:b], v[b:]
     return u + guidance_scale * (vt - u)
@@ -235,7 +229,7 @@ def student_inputs(fn: PredictFn, params: Any, noise: jax.Array, condition: jax.
   # A scan, not a Python loop: the student is compiled once for all its steps.
   def step(x, j):
     s, s_next = sigmas[j], sigmas[j + 1]
-    v = _velocity(fn, params, x, jnp.full((b,), s), condition, cond)
+    v = packing.target_velocity(fn, params, x, jnp.full((b,), s), condition, cond)
     if config.student_sampler == "euler":
       x = x + (s_next - s) * v
     else:
@@ -266,7 +260,7 @@ def student_start(fn: PredictFn, params: Any, latent_shape: tuple[int, ...], con
 def student_x0(fn: PredictFn, params: Any, x: jax.Array, sigma: jax.Array, condition: jax.Array,
                cond: dict) -> jax.Array:
   """The student's one-step x0 prediction from x [B, H, W, C] at sigma [B]."""
-  return x - _col(sigma) * _velocity(fn, params, x, sigma, condition, cond)
+  return x - _col(sigma) * packing.target_velocity(fn, params, x, sigma, condition, cond)
 
 
 # ----------------------------------------------------------------------------
@@ -289,7 +283,7 @@ def dmd_loss(models: DistillModels, teacher_params: Any, fake_params: Any, x0: j
   x_t = flow.add_noise(x0_sg, jax.random.normal(k_e, x0.shape, jnp.float32), t)
   v_real = guided_teacher_velocity(models.teacher, teacher_params, x_t, t, condition, cond, uncond,
                                    config.guidance_scale, config.image_guidance_scale)
-  v_fake = _velocity(models.predict_fn, fake_params, x_t, t, condition, cond)
+  v_fake = packing.target_velocity(models.predict_fn, fake_params, x_t, t, condition, cond)
   pred_real = x_t - _col(t) * v_real
   pred_fake = x_t - _col(t) * v_fake
   weight = jnp.mean(jnp.abs(x0_sg - pred_real), axis=tuple(range(1, x0.ndim)), keepdims=True)
@@ -323,7 +317,7 @@ def fake_score_loss(models: DistillModels, fake_params: Any, x0_student: jax.Arr
   x_t = flow.add_noise(x0, noise, t)
   target = flow.velocity_target(x0, noise)
   if not config.uses_gan:
-    v = _velocity(models.predict_fn, fake_params["score"], x_t, t, condition, cond)
+    v = packing.target_velocity(models.predict_fn, fake_params["score"], x_t, t, condition, cond)
     loss = jnp.mean((v - target)**2)
     return loss, {"fake_loss": loss}
   head = GANHead(config.gan_hidden)

@@ -71,10 +71,8 @@ def optimality(advantages: np.ndarray, adv_clip: float) -> np.ndarray:
 def make_velocity(predict_fn: PredictFn) -> Callable:
   """Jitted `velocity(params, x_t, condition, sigma [N], cond) -> [N, h, w, C]`: the
   conditional branch's target-half velocity, each row at its own noise level."""
-  def velocity(params, x_t, condition, sigma, cond):
-    out = predict_fn(params, packing.pack(x_t, condition), sigma * flow.NUM_TRAIN_TIMESTEPS, cond)
-    return packing.unpack_target(out).astype(jnp.float32)
-  return jax.jit(velocity)
+  return jax.jit(lambda params, x_t, condition, sigma, cond: packing.target_velocity(
+      predict_fn, params, x_t, sigma, condition, cond))
 
 
 def training_rows(velocity: Callable, old_params: Any, ref_params: Any, latents: np.ndarray,
@@ -131,9 +129,8 @@ def make_nft_loss(predict_fn: PredictFn, config: NFTConfig
   def loss_fn(params, batch, rng):
     del rng
     x_t, x0, sigma = batch["x_t"], batch["x0"], batch["sigma"]
-    canvas = packing.pack(x_t, batch["condition"])
-    v = packing.unpack_target(predict_fn(params, canvas, sigma * flow.NUM_TRAIN_TIMESTEPS,
-                                         batch["cond"])).astype(jnp.float32)
+    v = packing.target_velocity(predict_fn, params, x_t, sigma, batch["condition"],
+                                batch["cond"])
     v_old = batch["v_old"]
     positive = _weighted_x0_error(x_t, beta * v + (1.0 - beta) * v_old, sigma, x0)
     negative = _weighted_x0_error(x_t, (1.0 + beta) * v_old - beta * v, sigma, x0)

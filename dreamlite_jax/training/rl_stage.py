@@ -155,8 +155,8 @@ def _grpo_iteration(config, state, items, group, conditioner, rollout, reference
   return _iteration_scalars(history, rewards, metas, images, group, state)
 
 
-def _nft_iteration(config, state, items, nft, conditioner, pipe, velocity, reference, reward,
-                   step_fn, mesh, rng, it, section) -> dict:
+def _nft_iteration(config, state, items, nft, conditioner, pipeline, velocity, reference,
+                   reward, step_fn, mesh, rng, it, section) -> dict:
   """One DiffusionNFT iteration: sample with the pipeline's ODE, reward, optimality
   probabilities, forward-process rows, minibatch updates."""
   group = nft.group_size
@@ -164,7 +164,7 @@ def _nft_iteration(config, state, items, nft, conditioner, pipe, velocity, refer
   params = jax.device_get(state.params)
   noise = jax.random.normal(jax.random.PRNGKey(config.seed * 100_003 + it), condition.shape)
   guided = nft.guidance > 0
-  latents = np.asarray(pipe.with_unet_params(params).denoise(
+  latents = np.asarray(pipeline(params).denoise(
       noise, jnp.asarray(condition), cond, uncond if guided else None, nft.sample_steps,
       nft.guidance if guided else None, (nft.image_guidance or None) if guided else None))
   images = conditioner.decode(latents)
@@ -294,8 +294,8 @@ def run_stage(ctx) -> dict:
       state, metrics = step_fn(state, mesh_lib.shard_batch(batch, mesh), rng)
       scalars = {k: float(np.asarray(v.addressable_data(0))) for k, v in metrics.items()}
     elif method == "nft":
-      scalars = _nft_iteration(config, state, items, nft, conditioner, models.pipeline(reference),
-                               velocity, reference, reward, step_fn, mesh, rng, it, section)
+      scalars = _nft_iteration(config, state, items, nft, conditioner, models.pipeline, velocity,
+                               reference, reward, step_fn, mesh, rng, it, section)
       state = scalars.pop("state")
     else:
       scalars = _grpo_iteration(config, state, items, group, conditioner, rollout, reference,
