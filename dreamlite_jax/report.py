@@ -6,7 +6,7 @@ Rebuilt from the workdir alone (every finished stage's `DONE.json` and
 `scores.json` (floats in [0, 1] unless noted; null where the stage did not run):
   t2i.{overall, heldout_overall, <category>..., heldout_<category>...}
   edit.{accuracy, heldout_accuracy, <type>..., heldout_<type>...}
-  rl.{before, after}   distill.{teacher, teacher_naive_4step, student_4step}
+  rl.{before, after}   distill.{teacher, teacher_naive_4step, teacher_naive_4step_cfg, student_4step}
   convert.{gpu_check_findings (int), max_abs_err_fp32}   wall_time_s (seconds)
   stages.<stage>.{steps, wall_time_s, final_loss}
 The t2i/edit numbers are the `eval` stage's (else the last stage that scored).
@@ -49,7 +49,8 @@ def build_scores(records: dict[str, dict]) -> dict[str, Any]:
   t2i = {"overall": None, "heldout_overall": None, **scores.get("t2i", {})}
   edit = {"accuracy": None, "heldout_accuracy": None, **scores.get("edit", {})}
   rl = {"before": None, "after": None}
-  distill = {"teacher": None, "teacher_naive_4step": None, "student_4step": None}
+  distill = {"teacher": None, "teacher_naive_4step": None, "teacher_naive_4step_cfg": None,
+             "student_4step": None}
   convert = {"gpu_check_findings": None, "max_abs_err_fp32": None}
   for record in records.values():
     results = record["results"]
@@ -145,7 +146,8 @@ def render_markdown(config: ml_collections.ConfigDict, workdir: str, records: di
             f"{_fmt(scores['edit']['heldout_accuracy'])}",
             f"- RL reward before {_fmt(scores['rl']['before'])} -> after {_fmt(scores['rl']['after'])}",
             f"- Distillation: teacher {_fmt(scores['distill']['teacher'])}, teacher at 4 steps "
-            f"{_fmt(scores['distill']['teacher_naive_4step'])}, 4-step student "
+            f"{_fmt(scores['distill']['teacher_naive_4step'])} (with CFG "
+            f"{_fmt(scores['distill']['teacher_naive_4step_cfg'])}), 4-step student "
             f"{_fmt(scores['distill']['student_4step'])}",
             "", "## Shapes scores after each stage", ""]
   lines += _score_table(records)

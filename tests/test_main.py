@@ -47,7 +47,8 @@ def test_smoke_job_writes_report_and_finite_scores(smoke_job):
   for key in ("accuracy", "heldout_accuracy", "recolor", "move", "heldout_add"):
     assert 0.0 <= scores["edit"][key] <= 1.0, key
   assert set(scores["rl"]) == {"before", "after"}
-  assert set(scores["distill"]) == {"teacher", "teacher_naive_4step", "student_4step"}
+  assert set(scores["distill"]) == {"teacher", "teacher_naive_4step", "teacher_naive_4step_cfg",
+                                     "student_4step"}
   assert scores["convert"]["gpu_check_findings"] == 0
   assert scores["convert"]["max_abs_err_fp32"] < 1e-3
   assert scores["wall_time_s"] > 0

@@ -11,7 +11,10 @@ function of the step, so the data stream resumes too), then writes the student
 as an ordinary train state under `<stage>/student/` (what pipelines, converters
 and child stages load) and scores three samplers on the same evaluation set:
 the teacher at full steps with guidance, the teacher naively at the student's
-step count, and the student without guidance. They go to `<stage>/scores.json`
+step count the way the phone would run it without distillation (no guidance, so the
+same number of U-Net evaluations as the student; `teacher_naive_4step`), the same
+with guidance (`teacher_naive_4step_cfg`, twice the evaluations), and the student
+without guidance. They go to `<stage>/scores.json`
 and to the results' `distill` entry.
 
 Config section `config.distill` (see `experiments/dreamlite_1024_distill.py`):
@@ -333,8 +336,9 @@ def run_stage(ctx: Any) -> dict:
   scores = {
       "teacher": shapes_score(pipe, eval_cfg, eval_cfg.teacher_steps, eval_cfg.guidance,
                               eval_cfg.image_guidance, with_edit),
-      "teacher_naive_4step": shapes_score(pipe, eval_cfg, k, eval_cfg.guidance,
-                                          eval_cfg.image_guidance, with_edit),
+      "teacher_naive_4step": shapes_score(pipe, eval_cfg, k, None, None, with_edit),
+      "teacher_naive_4step_cfg": shapes_score(pipe, eval_cfg, k, eval_cfg.guidance,
+                                              eval_cfg.image_guidance, with_edit),
       "student_4step": shapes_score(pipe.with_unet_params(student_params), eval_cfg, k, None,
                                     None, with_edit),
   }

@@ -97,7 +97,8 @@ def test_stage_writes_student_and_three_scores(tmp_path, parts):
   os.makedirs(ctx.workdir)
   results = distill_stage.run_stage(ctx)
   assert results["steps"] == 2 and np.isfinite(results["final_loss"])
-  assert set(results["distill"]) == {"teacher", "teacher_naive_4step", "student_4step"}
+  assert set(results["distill"]) == {"teacher", "teacher_naive_4step", "teacher_naive_4step_cfg",
+                                     "student_4step"}
   with open(os.path.join(ctx.workdir, "scores.json")) as f:
     scores = json.load(f)
   assert scores["summary"] == results["distill"] and scores["student_steps"] == 4
