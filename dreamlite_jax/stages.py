@@ -36,9 +36,9 @@ report reads when present: `steps` (int), `final_loss` (float), `checkpoint`
 (a workdir whose checkpoints hold the stage's U-Net; default `ctx.workdir`),
 `scores` (a `shapes_stage.evaluate` dict: `{"t2i": {...}, "edit": {...}}`),
 `rl` (`{"before": float, "after": float, ...}`), `distill` (`{"teacher",
-"teacher_naive_4step", "teacher_naive_4step_cfg", "student_4step"}`), `convert` (`{"gpu_check_findings",
-"max_abs_err_fp32", "files": [...]}`), `sample_grids` (PNG paths relative to the
-stage dir). The runner writes only under `ctx.workdir` and must resume when
+"teacher_naive_4step", "teacher_naive_4step_cfg", "student_4step"}`), `convert`
+(`{"gpu_check_findings", "max_abs_err_fp32", "files": [...]}`), `sample_grids` (PNG
+paths relative to the stage dir). The runner writes only under `ctx.workdir` and must resume when
 re-run after an interruption (the shared trainer does this); when the trainer
 returns `preempted=True` the runner calls `raise_if_preempted(result, ctx.name)`
 so the stage is not marked finished.

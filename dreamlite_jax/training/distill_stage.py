@@ -9,7 +9,7 @@ endpoint from a fixed noise, sampled once with the teacher's pipeline), runs
 whole `DistillState` (an interrupted stage resumes from them; batches are a
 function of the step, so the data stream resumes too), then writes the student
 as an ordinary train state under `<stage>/student/` (what pipelines, converters
-and child stages load) and scores three samplers on the same evaluation set:
+and child stages load) and scores four samplers on the same evaluation set:
 the teacher at full steps with guidance, the teacher naively at the student's
 step count the way the phone would run it without distillation (no guidance, so the
 same number of U-Net evaluations as the student; `teacher_naive_4step`), the same

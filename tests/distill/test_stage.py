@@ -90,7 +90,7 @@ def _ctx(config, tmp_path, parts):
                              models=models)
 
 
-def test_stage_writes_student_and_three_scores(tmp_path, parts):
+def test_stage_writes_student_and_four_scores(tmp_path, parts):
   _teacher_checkpoint(str(tmp_path / "rl"), parts[1], parts[0].config.text.hidden_size)
   timesteps = tuple(flow.schedule_for_size(4, SIZE, SIZE)[:-1] * 1000)
   ctx = _ctx(_config(timesteps), tmp_path, parts)
