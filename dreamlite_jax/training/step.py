@@ -54,17 +54,20 @@ def apply_gradients(state: TrainState, loss: jax.Array, grads: Any,
   grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, state.params)
   grad_norm = optax.tree.norm(grads)
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-  # Zeroed grads keep the optimiser arithmetic finite; the update is dropped anyway.
-  safe_grads = jax.tree.map(lambda g: jnp.where(finite, g, jnp.zeros_like(g)), grads)
-  updates, opt_state = tx.update(safe_grads, state.opt_state, state.params)
-  updates = jax.tree.map(lambda u: (lr * u).astype(u.dtype), updates)
-  params = optax.apply_updates(state.params, updates)
-  ema = update_ema(state.ema_params, params, ema_decay)
-  keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
-  new_state = state.replace(step=state.step + 1, params=keep(params, state.params),
-                            opt_state=keep(opt_state, state.opt_state),
-                            ema_params=keep(ema, state.ema_params),
-                            skipped=state.skipped + (1 - finite.astype(jnp.int32)))
+
+  def update(state: TrainState) -> TrainState:
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    updates = jax.tree.map(lambda u: (lr * u).astype(u.dtype), updates)
+    params = optax.apply_updates(state.params, updates)
+    return state.replace(step=state.step + 1, params=params, opt_state=opt_state,
+                         ema_params=update_ema(state.ema_params, params, ema_decay))
+
+  def skip(state: TrainState) -> TrainState:
+    return state.replace(step=state.step + 1, skipped=state.skipped + 1)
+
+  # A branch, not a `where` per leaf: on XLA:CPU each of the params', moments' and
+  # EMA's ~550 leaves would be one more kernel to compile (7 s of the tiny U-Net step's 35).
+  new_state = jax.lax.cond(finite, update, skip, state)
   return new_state, grad_norm, finite
 
 
