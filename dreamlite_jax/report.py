@@ -146,8 +146,7 @@ def render_markdown(config: ml_collections.ConfigDict, workdir: str, records: di
             f"{_fmt(scores['edit']['heldout_accuracy'])}",
             f"- RL reward before {_fmt(scores['rl']['before'])} -> after {_fmt(scores['rl']['after'])}",
             f"- Distillation: teacher {_fmt(scores['distill']['teacher'])}, teacher at 4 steps "
-            f"without CFG "
-            f"{_fmt(scores['distill']['teacher_naive_4step'])} (with CFG "
+            f"without CFG {_fmt(scores['distill']['teacher_naive_4step'])} (with CFG "
             f"{_fmt(scores['distill']['teacher_naive_4step_cfg'])}), 4-step student "
             f"{_fmt(scores['distill']['student_4step'])}",
             "", "## Shapes scores after each stage", ""]
