@@ -11,12 +11,16 @@ are the activations saved for backward plus scratch, which is what remat
 trades for recompute. Then it times the real tiny and reduced steps with remat
 off and on, interleaved. fp32 everywhere (the CPU run); on an accelerator the
 paper config trains in bf16 compute with fp32 master weights.
+XLA:CPU runs with the job's memory-optimised scheduler (`dreamlite_jax.xla_cpu_flags`);
+`XLA_FLAGS=--xla_cpu_scheduler_type=CPU_SCHEDULER_TYPE_DEFAULT` shows XLA's default,
+which keeps about twice the temporaries and gains nothing from remat.
 The last line is the paper-scale `remat_temp_ratio` (temporaries with / without).
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 
 import jax
 import numpy as np
@@ -65,6 +69,7 @@ def main() -> None:
   parser.add_argument("--repeats", type=int, default=5)
   parser.add_argument("--skip-paper", action="store_true", help="no paper-scale compile")
   args = parser.parse_args()
+  print(f"xla_flags: {os.environ.get('XLA_FLAGS', '')}")
   setups = {"tiny": SETUPS["tiny"]}
   if not args.skip_paper:
     setups["paper_1024"] = PAPER_1024

@@ -14,10 +14,14 @@ import statistics
 import time
 from typing import Callable, Mapping
 
+from dreamlite_jax import xla_cpu_flags
+
 # Import this module before torch: with the default (spinning) OpenMP wait policy,
 # torch's 2 intra-op threads on an oversubscribed shared CPU took 15 s for a step
 # that takes 0.24 s with passive waiting. Passive is the fair setting for torch here.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# Ours runs with the XLA:CPU settings the job uses (set before JAX starts its backend).
+xla_cpu_flags.use_memory_optimized_scheduler()
 
 
 def interleaved(contenders: Mapping[str, Callable[[], object]], warmup: int = 2,

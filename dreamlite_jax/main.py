@@ -30,6 +30,8 @@ def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
 
 def main(argv: Sequence[str] | None = None) -> dict:
   args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
+  from dreamlite_jax import xla_cpu_flags
+  xla_cpu_flags.use_memory_optimized_scheduler()
   if args.compile_cache:
     import jax
     jax.config.update("jax_compilation_cache_dir", args.compile_cache)
