@@ -13,7 +13,7 @@ off and on, interleaved. fp32 everywhere (the CPU run); on an accelerator the
 paper config trains in bf16 compute with fp32 master weights.
 XLA:CPU runs with the job's memory-optimised scheduler (`dreamlite_jax.xla_cpu_flags`);
 `XLA_FLAGS=--xla_cpu_scheduler_type=CPU_SCHEDULER_TYPE_DEFAULT` shows XLA's default,
-which keeps about twice the temporaries and gains nothing from remat.
+which keeps about 1.5x the temporaries (paper at 1024: 50.0 against 32.9 GiB).
 The last line is the paper-scale `remat_temp_ratio` (temporaries with / without).
 """
 from __future__ import annotations
