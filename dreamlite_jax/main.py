@@ -42,4 +42,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-  main()
+  from dreamlite_jax.config import ConfigError
+  try:
+    main()
+  except ConfigError as e:  # a config or workdir mistake: the message, not a traceback
+    sys.exit(f"error: {e}")

@@ -97,6 +97,24 @@ class SharedModels:
                                 size_multiple=vae_scale * self.unet_config.downsample_factor)
     return self._pipeline.with_unet_params(unet_params)
 
+  def _raw_inputs(self) -> dict:
+    d = self.config.data
+    return {"renderer": "shapes_data.build_raw", "num_t2i": int(d.num_t2i),
+            "num_edit": int(d.num_edit), "image_size": int(d.image_size), "seed": int(d.seed)}
+
+  def _vae_identity(self) -> dict:
+    """Which trained VAE the cached latents come from: the `vae` stage's run (its
+    DONE record), or an external checkpoint directory and its latest step."""
+    from dreamlite_jax import stages
+    if not self.config.model.vae_checkpoint:
+      record = stages.read_done(self.workdir, "vae") or {}
+      return {"vae_stage_run": record.get("run_id", record.get("finished_at"))}
+    directory = os.path.join(os.path.abspath(self.vae_workdir), "checkpoints")
+    steps = sorted(int(n) for n in os.listdir(directory) if n.isdigit())
+    latest = os.path.join(directory, str(steps[-1])) if steps else directory
+    return {"vae_checkpoint": directory, "steps": steps,
+            "modified_ns": os.stat(latest).st_mtime_ns}
+
   def raw_data(self) -> dict[str, np.ndarray]:
     """Rendered training examples (`shapes_data.build_raw`), cached in `<workdir>/data/`."""
     if "raw" not in self._data:
@@ -104,18 +122,23 @@ class SharedModels:
       d = self.config.data
       self._data["raw"] = shapes_data.load_or_build(
           os.path.join(self.workdir, "data", "raw.npz"),
-          lambda: shapes_data.build_raw(d.num_t2i, d.num_edit, d.image_size, d.seed))
+          lambda: shapes_data.build_raw(d.num_t2i, d.num_edit, d.image_size, d.seed),
+          self._raw_inputs())
     return self._data["raw"]
 
   def encoded_data(self) -> dict[str, np.ndarray]:
-    """Latents + text features of the training examples (after the VAE stage), cached."""
+    """Latents + text features of the training examples (after the VAE stage), cached;
+    rebuilt when the data, the VAE run or the text encoder changed."""
     if "encoded" not in self._data:
       from dreamlite_jax.training import shapes_data
       vae, params = self.vae, self.vae_params
       enc = jax.jit(lambda p, x: vae.apply({"params": p}, x.astype("float32") / 127.5 - 1.0,
                                            method="encode"))
+      te = self.config.model.text_encoder
+      inputs = {"raw": self._raw_inputs(), "vae": self._vae_identity(),
+                "text_encoder": {"spec": te.spec, "text_length": int(te.text_length)}}
       self._data["encoded"] = shapes_data.load_or_build(
           os.path.join(self.workdir, "data", "encoded.npz"),
           lambda: shapes_data.encode(self.raw_data(), lambda x: enc(params, x),
-                                     self.text_encoder))
+                                     self.text_encoder), inputs)
     return self._data["encoded"]

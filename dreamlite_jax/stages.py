@@ -8,6 +8,13 @@ finished stage), runs the others through the registry below, writes their
 a job resumes it: finished stages are skipped, an interrupted one resumes from
 its own orbax checkpoints (the trainer's resume order).
 
+A finished stage is reused only if it still belongs to this run: its `DONE.json`
+records the config it ran with (`stage_inputs`: its own section, `model`, `data`,
+`seed`) and the `run_id` of the parent record it started from. A changed field, or
+a parent that was re-run (or is about to be), makes the job stop before running
+anything and name the stage directories to delete; it never mixes checkpoints of
+two configs silently.
+
 ## The stage-runner contract (RL, distillation and every other stage follow it)
 
     def run_stage(ctx: StageContext) -> dict
@@ -52,6 +59,7 @@ import functools
 import json
 import os
 import time
+import uuid
 from typing import Any, Callable
 
 import ml_collections
@@ -191,6 +199,77 @@ def _write_done(workdir: str, stage: str, record: dict) -> None:
   os.replace(tmp, path)  # atomic: DONE.json appears complete or not at all
 
 
+def stage_inputs(config: ml_collections.ConfigDict, stage: str) -> dict:
+  """The config a stage's results are a function of, as plain JSON values: its own
+  section plus the job-wide `model`, `data` and `seed` (not `mesh`: sharding does
+  not change what is trained)."""
+  def plain(value):
+    if isinstance(value, ml_collections.ConfigDict):
+      value = value.to_dict()
+    return json.loads(json.dumps(value, sort_keys=True, default=str))
+  return {key: plain(config.get(key)) for key in (stage, "model", "data", "seed")}
+
+
+def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+  if not isinstance(tree, dict):
+    return {prefix: tree}
+  flat = {}
+  for key, value in tree.items():
+    flat.update(_flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+  return flat
+
+
+def _config_diff(recorded: dict, current: dict, limit: int = 4) -> str:
+  """'a.b: 1 -> 2, ...' for the fields that differ ('' when none)."""
+  old, new = _flatten(recorded), _flatten(current)
+  missing = "(absent)"
+  changed = [f"{k}: {old.get(k, missing)!r} -> {new.get(k, missing)!r}"
+             for k in sorted(set(old) | set(new)) if old.get(k, missing) != new.get(k, missing)]
+  more = f", and {len(changed) - limit} more" if len(changed) > limit else ""
+  return ", ".join(changed[:limit]) + more
+
+
+def check_finished_stages(config: ml_collections.ConfigDict, workdir: str,
+                          names: list[str]) -> None:
+  """Raises ConfigError if a finished stage among `names` does not belong to this run.
+
+  Stale means: finished with a different `stage_inputs`, or started from a parent
+  record other than the parent's current one, or its parent will run again now
+  (not finished, or stale itself). Records written before these fields existed are
+  trusted. All stale stages are named at once, with the directories to delete.
+  """
+  will_run: set[str] = set()
+  problems: list[tuple[str, str]] = []
+  for name in names:
+    record = read_done(workdir, name)
+    if record is None:
+      will_run.add(name)
+      continue
+    parent = config[name].get("parent", "") if name in config else ""
+    why = ""
+    if "config" in record:
+      diff = _config_diff(record["config"], stage_inputs(config, name))
+      if diff:
+        why = f"finished with a different config ({diff})"
+    if not why and parent and "parent_run_id" in record:
+      parent_record = read_done(workdir, parent)
+      if parent in will_run:
+        why = f"started from a run of {parent!r} that this job is about to replace"
+      elif parent_record is None:
+        why = f"its parent {parent!r} has no finished run in this workdir any more"
+      elif parent_record.get("run_id") != record["parent_run_id"]:
+        why = f"started from an earlier run of {parent!r}"
+    if why:
+      will_run.add(name)
+      problems.append((name, why))
+  if problems:
+    lines = "\n".join(f"  {name}: {why}" for name, why in problems)
+    dirs = " ".join(os.path.join(workdir, name) for name, _ in problems)
+    raise ConfigError(
+        f"finished stages in {workdir} do not belong to this run:\n{lines}\n"
+        f"Delete them to re-run them with this config (rm -r {dirs}), or use a new --workdir.")
+
+
 def _parent(config: ml_collections.ConfigDict, stage: str, workdir: str) -> tuple[str | None, dict]:
   section = config.get(stage)
   if section is None:
@@ -219,6 +298,7 @@ def run_job(config: ml_collections.ConfigDict, workdir: str, stages: str | None 
 
   names = parse_stages(stages if stages is not None else config.stages)
   workdir = os.path.abspath(workdir)
+  check_finished_stages(config, workdir, names)
   os.makedirs(workdir, exist_ok=True)
   with open(os.path.join(workdir, "config.json"), "w") as f:
     f.write(config.to_json_best_effort(indent=2))
@@ -243,8 +323,11 @@ def run_job(config: ml_collections.ConfigDict, workdir: str, stages: str | None 
     except StagePreempted as e:
       log(f"[job] {e}")
       return records
+    parent_record = read_done(workdir, config[name].get("parent", "")) if parent_workdir else None
     record = {"stage": name, "results": results, "wall_time_s": time.time() - start,
-              "finished_at": time.strftime("%Y-%m-%d %H:%M:%S")}
+              "finished_at": time.strftime("%Y-%m-%d %H:%M:%S"), "run_id": uuid.uuid4().hex,
+              "config": stage_inputs(config, name),
+              "parent_run_id": (parent_record or {}).get("run_id")}
     _write_done(workdir, name, record)
     log(f"[job] {name}: done in {record['wall_time_s']:.0f}s")
     records[name] = record

@@ -103,3 +103,41 @@ def test_unknown_stage_and_missing_parent_fail_loudly(tmp_path):
     stages.run_job(config, str(tmp_path), stages="sft")
   with pytest.raises(ConfigError, match="unknown; known presets"):
     stages.load_job_config(CONFIG, ["--config.preset=huge"])
+
+
+def test_changed_config_of_a_finished_stage_stops_the_job_before_running(smoke_job):
+  """A finished stage is reused only with the config it ran with; the stages built on
+  it are named too, and nothing runs or changes."""
+  workdir, records = smoke_job
+  before = {n: os.path.getmtime(stages.done_path(workdir, n)) for n in records}
+  config = stages.load_job_config(CONFIG, ["--config.preset=smoke", "--config.rl.iterations=2"])
+  with pytest.raises(ConfigError) as err:
+    stages.run_job(config, workdir, log=lambda m: None)
+  message = str(err.value)
+  assert "rl: finished with a different config (rl.iterations: 1 -> 2)" in message
+  assert "distill: started from a run of 'rl' that this job is about to replace" in message
+  for later in ("eval", "convert"):
+    assert f"{later}: started from a run of 'distill'" in message
+  for earlier in ("vae", "pretrain_t2i", "sft"):
+    assert f"  {earlier}:" not in message
+  assert os.path.join(workdir, "rl") in message
+  assert {n: os.path.getmtime(stages.done_path(workdir, n)) for n in records} == before
+
+
+def test_deleting_a_middle_stage_names_the_stages_built_on_it(smoke_job, tmp_path):
+  workdir, records = smoke_job
+  copy = str(tmp_path / "copy")
+  os.makedirs(copy)
+  for name in records:
+    if name != "sft":
+      os.symlink(os.path.join(workdir, name), os.path.join(copy, name))
+  os.symlink(os.path.join(workdir, "data"), os.path.join(copy, "data"))
+  config = stages.load_job_config(CONFIG, ["--config.preset=smoke"])
+  with pytest.raises(ConfigError) as err:
+    stages.run_job(config, copy, log=lambda m: None)
+  message = str(err.value)
+  assert "rl: started from a run of 'sft' that this job is about to replace" in message
+  assert "pretrain_joint:" not in message
+  # Selecting only the later stages cannot skip past the missing parent either.
+  with pytest.raises(ConfigError, match="its parent 'sft' has no finished run"):
+    stages.run_job(config, copy, stages="rl,distill", log=lambda m: None)

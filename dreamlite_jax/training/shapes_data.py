@@ -10,7 +10,9 @@ the trainer resumes the exact data stream.
 """
 from __future__ import annotations
 
+import json
 import os
+import zipfile
 from typing import Any, Callable
 
 import numpy as np
@@ -40,15 +42,34 @@ def build_raw(num_t2i: int, num_edit: int, size: int, seed: int) -> dict[str, np
   }
 
 
-def load_or_build(path: str, build: Callable[[], dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
-  """`np.load(path)` if it exists, else `build()` saved atomically to `path`."""
+# The key under which a cache file records the inputs it was built from.
+INPUTS_KEY = "_built_from"
+
+
+def load_or_build(path: str, build: Callable[[], dict[str, np.ndarray]], inputs: dict,
+                  log: Callable[[str], None] = print) -> dict[str, np.ndarray]:
+  """`np.load(path)` if it was built from the same `inputs`, else `build()` saved atomically.
+
+  `inputs` (JSON-able) names everything the arrays are a function of (data config,
+  VAE checkpoint, text encoder). A file built from other inputs, by an older version
+  without the record, or unreadable (truncated, corrupt) is rebuilt, with a log line
+  that says why: a changed config never trains on the old data silently.
+  """
+  key = json.dumps(inputs, sort_keys=True)
   if os.path.exists(path):
-    with np.load(path) as f:
-      return {k: f[k] for k in f.files}
+    try:
+      with np.load(path) as f:
+        recorded = str(f[INPUTS_KEY]) if INPUTS_KEY in f.files else None
+        if recorded == key:
+          return {k: f[k] for k in f.files if k != INPUTS_KEY}
+      why = f"was built from {recorded}" if recorded else "does not record what it was built from"
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+      why = f"is unreadable ({type(e).__name__}: {e})"
+    log(f"[data] {path} {why}; rebuilding it from {key}")
   arrays = build()
   os.makedirs(os.path.dirname(path), exist_ok=True)
   tmp = path + ".tmp.npz"
-  np.savez(tmp, **arrays)
+  np.savez(tmp, **arrays, **{INPUTS_KEY: np.array(key)})
   os.replace(tmp, path)
   return arrays
 

@@ -94,10 +94,6 @@ def run_stage(ctx) -> dict:
   models = ctx.models
   raw = models.raw_data()
   images = np.concatenate([raw["t2i_images"], raw["edit_sources"], raw["edit_targets"]])
-  # Latents cached for the diffusion stages belong to the previous VAE.
-  stale = os.path.join(models.workdir, "data", "encoded.npz")
-  if os.path.exists(stale):
-    os.remove(stale)
   vae = models.vae
   size = models.image_size
   loss_cfg = config.loss
