@@ -12,7 +12,6 @@ to PNGs next to the stage's outputs.
 from __future__ import annotations
 
 import os
-import textwrap
 from typing import Any
 
 import ml_collections
@@ -122,22 +121,48 @@ def _pick_examples(items: list[dict], key: str, n: int) -> list[int]:
   return picked[:n]
 
 
+_MEASURE = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+
+
+def _wrap(text: str, width: int) -> str:
+  """`text` broken into lines at most `width - 4` pixels wide (a long word gets its own line)."""
+  lines: list[str] = []
+  for word in text.split():
+    if lines and _MEASURE.textlength(f"{lines[-1]} {word}") <= width - 4:
+      lines[-1] += f" {word}"
+    else:
+      lines.append(word)
+  return "\n".join(lines)
+
+
+def _label_height(texts: list[str], width: int) -> int:
+  """Pixels that the tallest of `texts`, wrapped to `width`, needs."""
+  return max(_MEASURE.multiline_textbbox((2, 2), _wrap(t, width))[3] for t in texts) + 4
+
+
+def _framed(cell: np.ndarray) -> np.ndarray:
+  """A 1-pixel grey frame, so white scenes and white labels stay apart."""
+  return np.pad(cell, ((1, 1), (1, 1), (0, 0)), constant_values=128)
+
+
 def _label(text: str, width: int, height: int) -> np.ndarray:
+  """The whole text, wrapped, black on white; `height` must come from `_label_height`."""
   canvas = Image.new("RGB", (width, height), (255, 255, 255))
-  draw = ImageDraw.Draw(canvas)
-  chars = max(8, width // 6)
-  draw.multiline_text((2, 2), "\n".join(textwrap.wrap(text, chars)[:height // 11]),
-                      fill=(0, 0, 0))
+  ImageDraw.Draw(canvas).multiline_text((2, 2), _wrap(text, width), fill=(0, 0, 0))
   return np.asarray(canvas)
 
 
 def t2i_grid(path: str, items: list[dict], images: np.ndarray, n: int = 24,
-             columns: int = 6, scale: int = 2) -> str:
-  """PNG of prompt captions over their samples (round-robin over categories)."""
+             columns: int = 6, scale: int = 3) -> str:
+  """PNG of prompt captions over their samples (round-robin over categories); every
+  caption is shown whole (labels as tall as the longest needs)."""
+  picked = _pick_examples(items, "category", n)
+  width = images.shape[2] * scale
+  height = _label_height([items[i]["caption"] for i in picked], width)
   cells = []
-  for i in _pick_examples(items, "category", n):
+  for i in picked:
     im = np.kron(images[i], np.ones((scale, scale, 1), np.uint8))
-    cells.append(np.concatenate([_label(items[i]["caption"], im.shape[1], 34), im]))
+    cells.append(_framed(np.concatenate([_label(items[i]["caption"], width, height), im])))
   rows = [np.concatenate(_pad(cells[r:r + columns], columns) if len(cells) >= columns
                          else cells[r:r + columns], axis=1) for r in range(0, len(cells), columns)]
   width = max(r.shape[1] for r in rows)
@@ -148,13 +173,20 @@ def t2i_grid(path: str, items: list[dict], images: np.ndarray, n: int = 24,
 
 def edit_grid(path: str, items: list[dict], results: np.ndarray, n: int = 14,
               scale: int = 2) -> str:
-  """PNG with one row per edit: source | instruction | result | ground-truth target."""
+  """PNG with one row per edit: source | instruction | result | ground-truth target; the
+  instruction column widens until every instruction fits beside its images."""
+  picked = _pick_examples(items, "edit_type", n)
+  big = lambda x: np.kron(x, np.ones((scale, scale, 1), np.uint8))
+  side = items[picked[0]]["source"].shape[0] * scale if picked else 0
+  width = 2 * side
+  texts = [items[i]["instruction"] for i in picked]
+  while texts and _label_height(texts, width) > side:
+    width += side // 2
   rows = []
-  for i in _pick_examples(items, "edit_type", n):
-    big = lambda x: np.kron(x, np.ones((scale, scale, 1), np.uint8))
+  for i in picked:
     src, res, tgt = big(items[i]["source"]), big(results[i]), big(items[i]["target"])
-    label = _label(items[i]["instruction"], 2 * src.shape[1], src.shape[0])
-    rows.append(np.concatenate([src, label, res, tgt], axis=1))
+    rows.append(np.concatenate([_framed(x) for x in (
+        src, _label(items[i]["instruction"], width, side), res, tgt)], axis=1))
   Image.fromarray(np.concatenate(rows)).save(path)
   return path
 
