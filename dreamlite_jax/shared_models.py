@@ -104,7 +104,8 @@ class SharedModels:
 
   def _vae_identity(self) -> dict:
     """Which trained VAE the cached latents come from: the `vae` stage's run (its
-    DONE record), or an external checkpoint directory and its latest step."""
+    DONE record's id), or an external checkpoint directory, its steps and the
+    modification time of the latest."""
     from dreamlite_jax import stages
     if not self.config.model.vae_checkpoint:
       record = stages.read_done(self.workdir, "vae") or {}

@@ -10,10 +10,10 @@ its own orbax checkpoints (the trainer's resume order).
 
 A finished stage is reused only if it still belongs to this run: its `DONE.json`
 records the config it ran with (`stage_inputs`: its own section, `model`, `data`,
-`seed`) and the `run_id` of the parent record it started from. A changed field, or
-a parent that was re-run (or is about to be), makes the job stop before running
-anything and name the stage directories to delete; it never mixes checkpoints of
-two configs silently.
+`seed`) and the `run_id`s of the records it was built on (its parent and the job's
+VAE: `upstream_stages`). A changed field, or an upstream stage that was re-run (or is
+about to be), makes the job stop before running anything and name the stage
+directories to delete; it never mixes checkpoints of two configs silently.
 
 ## The stage-runner contract (RL, distillation and every other stage follow it)
 
@@ -229,14 +229,26 @@ def _config_diff(recorded: dict, current: dict, limit: int = 4) -> str:
   return ", ".join(changed[:limit]) + more
 
 
+def upstream_stages(config: ml_collections.ConfigDict, stage: str) -> list[str]:
+  """The stages whose outputs `stage` is built on: its `parent`, and the job's own `vae`
+  (every diffusion stage trains on, samples through or exports the VAE's latents)
+  unless `config.model.vae_checkpoint` names an external one."""
+  section = config.get(stage) or {}
+  upstream = [section["parent"]] if section.get("parent") else []
+  if stage != "vae" and "vae" not in upstream and not config.model.get("vae_checkpoint"):
+    upstream.append("vae")
+  return upstream
+
+
 def check_finished_stages(config: ml_collections.ConfigDict, workdir: str,
                           names: list[str]) -> None:
   """Raises ConfigError if a finished stage among `names` does not belong to this run.
 
-  Stale means: finished with a different `stage_inputs`, or started from a parent
-  record other than the parent's current one, or its parent will run again now
-  (not finished, or stale itself). Records written before these fields existed are
-  trusted. All stale stages are named at once, with the directories to delete.
+  Stale means: finished with a different `stage_inputs`; or built on a run of an
+  upstream stage (`upstream_stages`) other than its current one, or on one that is
+  gone or will run again now (not finished, or stale itself). Records written
+  before these fields existed are trusted. All stale stages are named at once,
+  with the directories to delete.
   """
   will_run: set[str] = set()
   problems: list[tuple[str, str]] = []
@@ -245,20 +257,21 @@ def check_finished_stages(config: ml_collections.ConfigDict, workdir: str,
     if record is None:
       will_run.add(name)
       continue
-    parent = config[name].get("parent", "") if name in config else ""
     why = ""
     if "config" in record:
       diff = _config_diff(record["config"], stage_inputs(config, name))
       if diff:
         why = f"finished with a different config ({diff})"
-    if not why and parent and "parent_run_id" in record:
-      parent_record = read_done(workdir, parent)
-      if parent in will_run:
-        why = f"started from a run of {parent!r} that this job is about to replace"
-      elif parent_record is None:
-        why = f"its parent {parent!r} has no finished run in this workdir any more"
-      elif parent_record.get("run_id") != record["parent_run_id"]:
-        why = f"started from an earlier run of {parent!r}"
+    for upstream, run_id in (record.get("upstream_run_ids") or {}).items():
+      if why:
+        break
+      upstream_record = read_done(workdir, upstream)
+      if upstream in will_run:
+        why = f"built on a run of {upstream!r} that this job is about to replace"
+      elif upstream_record is None:
+        why = f"built on {upstream!r}, which has no finished run in this workdir any more"
+      elif upstream_record.get("run_id") != run_id:
+        why = f"built on an earlier run of {upstream!r}"
     if why:
       will_run.add(name)
       problems.append((name, why))
@@ -323,11 +336,11 @@ def run_job(config: ml_collections.ConfigDict, workdir: str, stages: str | None 
     except StagePreempted as e:
       log(f"[job] {e}")
       return records
-    parent_record = read_done(workdir, config[name].get("parent", "")) if parent_workdir else None
     record = {"stage": name, "results": results, "wall_time_s": time.time() - start,
               "finished_at": time.strftime("%Y-%m-%d %H:%M:%S"), "run_id": uuid.uuid4().hex,
               "config": stage_inputs(config, name),
-              "parent_run_id": (parent_record or {}).get("run_id")}
+              "upstream_run_ids": {u: (read_done(workdir, u) or {}).get("run_id")
+                                   for u in upstream_stages(config, name)}}
     _write_done(workdir, name, record)
     log(f"[job] {name}: done in {record['wall_time_s']:.0f}s")
     records[name] = record

@@ -115,9 +115,9 @@ def test_changed_config_of_a_finished_stage_stops_the_job_before_running(smoke_j
     stages.run_job(config, workdir, log=lambda m: None)
   message = str(err.value)
   assert "rl: finished with a different config (rl.iterations: 1 -> 2)" in message
-  assert "distill: started from a run of 'rl' that this job is about to replace" in message
+  assert "distill: built on a run of 'rl' that this job is about to replace" in message
   for later in ("eval", "convert"):
-    assert f"{later}: started from a run of 'distill'" in message
+    assert f"{later}: built on a run of 'distill'" in message
   for earlier in ("vae", "pretrain_t2i", "sft"):
     assert f"  {earlier}:" not in message
   assert os.path.join(workdir, "rl") in message
@@ -136,8 +136,24 @@ def test_deleting_a_middle_stage_names_the_stages_built_on_it(smoke_job, tmp_pat
   with pytest.raises(ConfigError) as err:
     stages.run_job(config, copy, log=lambda m: None)
   message = str(err.value)
-  assert "rl: started from a run of 'sft' that this job is about to replace" in message
+  assert "rl: built on a run of 'sft' that this job is about to replace" in message
   assert "pretrain_joint:" not in message
   # Selecting only the later stages cannot skip past the missing parent either.
-  with pytest.raises(ConfigError, match="its parent 'sft' has no finished run"):
+  with pytest.raises(ConfigError, match="built on 'sft', which has no finished run"):
     stages.run_job(config, copy, stages="rl,distill", log=lambda m: None)
+
+
+def test_every_stage_on_the_jobs_vae_is_stale_when_the_vae_changes(smoke_job):
+  """The U-Net stages name no VAE parent, yet train on its latents: a changed VAE
+  config flags all of them, not only the stages below a `parent` link."""
+  workdir, records = smoke_job
+  config = stages.load_job_config(CONFIG, ["--config.preset=smoke", "--config.vae.train.steps=7"])
+  assert stages.upstream_stages(config, "pretrain_t2i") == ["vae"]
+  assert stages.upstream_stages(config, "rl") == ["sft", "vae"]
+  with pytest.raises(ConfigError) as err:
+    stages.run_job(config, workdir, log=lambda m: None)
+  message = str(err.value)
+  assert "vae: finished with a different config (vae.train.steps: 6 -> 7)" in message
+  for name in records:
+    if name != "vae":
+      assert f"  {name}: built on a run of " in message, name
