@@ -13,7 +13,9 @@ records the config it ran with (`stage_inputs`: its own section, `model`, `data`
 `seed`) and the `run_id`s of the records it was built on (its parent and the job's
 VAE: `upstream_stages`). A changed field, or an upstream stage that was re-run (or is
 about to be), makes the job stop before running anything and name the stage
-directories to delete; it never mixes checkpoints of two configs silently.
+directories to delete; it never mixes checkpoints of two configs silently. The same
+holds for an interrupted stage: its `STARTED.json`, written before it runs, records
+the same two things, and its checkpoints are resumed only if they still match.
 
 ## The stage-runner contract (RL, distillation and every other stage follow it)
 
@@ -67,6 +69,7 @@ import ml_collections
 from dreamlite_jax.config import ConfigError
 
 DONE_FILE = "DONE.json"
+STARTED_FILE = "STARTED.json"
 
 
 @dataclasses.dataclass
@@ -182,21 +185,28 @@ def done_path(workdir: str, stage: str) -> str:
   return os.path.join(workdir, stage, DONE_FILE)
 
 
-def read_done(workdir: str, stage: str) -> dict | None:
-  """The stage's DONE.json record ({"stage", "results", "wall_time_s", ...}) or None."""
-  path = done_path(workdir, stage)
+def _read_json(path: str) -> dict | None:
   if not os.path.exists(path):
     return None
   with open(path) as f:
     return json.load(f)
 
 
-def _write_done(workdir: str, stage: str, record: dict) -> None:
-  path = done_path(workdir, stage)
+def _write_json(path: str, record: dict) -> None:
   tmp = path + ".tmp"
   with open(tmp, "w") as f:
     json.dump(record, f, indent=2, sort_keys=True)
-  os.replace(tmp, path)  # atomic: DONE.json appears complete or not at all
+  os.replace(tmp, path)  # atomic: the file appears complete or not at all
+
+
+def read_done(workdir: str, stage: str) -> dict | None:
+  """The stage's DONE.json record ({"stage", "results", "wall_time_s", ...}) or None."""
+  return _read_json(done_path(workdir, stage))
+
+
+def read_started(workdir: str, stage: str) -> dict | None:
+  """The STARTED.json of a stage's latest run ({"config", "upstream_run_ids"}) or None."""
+  return _read_json(os.path.join(workdir, stage, STARTED_FILE))
 
 
 def stage_inputs(config: ml_collections.ConfigDict, stage: str) -> dict:
@@ -210,18 +220,11 @@ def stage_inputs(config: ml_collections.ConfigDict, stage: str) -> dict:
   return {key: plain(config.get(key)) for key in (stage, "model", "data", "seed")}
 
 
-def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
-  if not isinstance(tree, dict):
-    return {prefix: tree}
-  flat = {}
-  for key, value in tree.items():
-    flat.update(_flatten(value, f"{prefix}.{key}" if prefix else str(key)))
-  return flat
-
-
 def _config_diff(recorded: dict, current: dict, limit: int = 4) -> str:
   """'a.b: 1 -> 2, ...' for the fields that differ ('' when none)."""
-  old, new = _flatten(recorded), _flatten(current)
+  from flax import traverse_util
+  old = traverse_util.flatten_dict(recorded, sep=".")
+  new = traverse_util.flatten_dict(current, sep=".")
   missing = "(absent)"
   changed = [f"{k}: {old.get(k, missing)!r} -> {new.get(k, missing)!r}"
              for k in sorted(set(old) | set(new)) if old.get(k, missing) != new.get(k, missing)]
@@ -240,11 +243,37 @@ def upstream_stages(config: ml_collections.ConfigDict, stage: str) -> list[str]:
   return upstream
 
 
+def _run_inputs(config: ml_collections.ConfigDict, workdir: str, stage: str) -> dict:
+  """What a run of `stage` is a function of: its config and its upstream stages' runs."""
+  return {"config": stage_inputs(config, stage),
+          "upstream_run_ids": {u: (read_done(workdir, u) or {}).get("run_id")
+                               for u in upstream_stages(config, stage)}}
+
+
+def _why_stale(record: dict, config: ml_collections.ConfigDict, workdir: str, stage: str,
+               will_run: set[str]) -> str:
+  """Why a stage's DONE.json or STARTED.json record is not of this run ('' if it is)."""
+  if "config" in record:
+    diff = _config_diff(record["config"], stage_inputs(config, stage))
+    if diff:
+      return f"with a different config ({diff})"
+  for upstream, run_id in (record.get("upstream_run_ids") or {}).items():
+    upstream_record = read_done(workdir, upstream)
+    if upstream in will_run:
+      return f"built on a run of {upstream!r} that this job is about to replace"
+    if upstream_record is None:
+      return f"built on {upstream!r}, which has no finished run in this workdir any more"
+    if upstream_record.get("run_id") != run_id:
+      return f"built on an earlier run of {upstream!r}"
+  return ""
+
+
 def check_finished_stages(config: ml_collections.ConfigDict, workdir: str,
                           names: list[str]) -> None:
-  """Raises ConfigError if a finished stage among `names` does not belong to this run.
+  """Raises ConfigError if a stage among `names` holds work that is not of this run.
 
-  Stale means: finished with a different `stage_inputs`; or built on a run of an
+  Stale means: finished (DONE.json) or interrupted (STARTED.json, whose checkpoints
+  the stage would resume) with a different `stage_inputs`; or built on a run of an
   upstream stage (`upstream_stages`) other than its current one, or on one that is
   gone or will run again now (not finished, or stale itself). Records written
   before these fields existed are trusted. All stale stages are named at once,
@@ -253,25 +282,17 @@ def check_finished_stages(config: ml_collections.ConfigDict, workdir: str,
   will_run: set[str] = set()
   problems: list[tuple[str, str]] = []
   for name in names:
-    record = read_done(workdir, name)
-    if record is None:
+    done = read_done(workdir, name)
+    if done is not None:
+      why = _why_stale(done, config, workdir, name, will_run)
+      if why.startswith("with"):
+        why = "finished " + why
+    else:
       will_run.add(name)
-      continue
-    why = ""
-    if "config" in record:
-      diff = _config_diff(record["config"], stage_inputs(config, name))
-      if diff:
-        why = f"finished with a different config ({diff})"
-    for upstream, run_id in (record.get("upstream_run_ids") or {}).items():
+      started = read_started(workdir, name)
+      why = started and _why_stale(started, config, workdir, name, will_run)
       if why:
-        break
-      upstream_record = read_done(workdir, upstream)
-      if upstream in will_run:
-        why = f"built on a run of {upstream!r} that this job is about to replace"
-      elif upstream_record is None:
-        why = f"built on {upstream!r}, which has no finished run in this workdir any more"
-      elif upstream_record.get("run_id") != run_id:
-        why = f"built on an earlier run of {upstream!r}"
+        why = f"interrupted run (its checkpoints would be resumed) {why}"
     if why:
       will_run.add(name)
       problems.append((name, why))
@@ -279,7 +300,7 @@ def check_finished_stages(config: ml_collections.ConfigDict, workdir: str,
     lines = "\n".join(f"  {name}: {why}" for name, why in problems)
     dirs = " ".join(os.path.join(workdir, name) for name, _ in problems)
     raise ConfigError(
-        f"finished stages in {workdir} do not belong to this run:\n{lines}\n"
+        f"stages in {workdir} hold work that does not belong to this run:\n{lines}\n"
         f"Delete them to re-run them with this config (rm -r {dirs}), or use a new --workdir.")
 
 
@@ -326,6 +347,8 @@ def run_job(config: ml_collections.ConfigDict, workdir: str, stages: str | None 
     parent_workdir, parent_results = _parent(config, name, workdir)
     stage_dir = os.path.join(workdir, name)
     os.makedirs(stage_dir, exist_ok=True)
+    inputs = _run_inputs(config, workdir, name)
+    _write_json(os.path.join(stage_dir, STARTED_FILE), inputs)
     ctx = StageContext(config=config, name=name, workdir=stage_dir, job_workdir=workdir,
                        parent_workdir=parent_workdir, parent_results=parent_results,
                        models=models)
@@ -338,10 +361,8 @@ def run_job(config: ml_collections.ConfigDict, workdir: str, stages: str | None 
       return records
     record = {"stage": name, "results": results, "wall_time_s": time.time() - start,
               "finished_at": time.strftime("%Y-%m-%d %H:%M:%S"), "run_id": uuid.uuid4().hex,
-              "config": stage_inputs(config, name),
-              "upstream_run_ids": {u: (read_done(workdir, u) or {}).get("run_id")
-                                   for u in upstream_stages(config, name)}}
-    _write_done(workdir, name, record)
+              **inputs}
+    _write_json(done_path(workdir, name), record)
     log(f"[job] {name}: done in {record['wall_time_s']:.0f}s")
     records[name] = record
   report.write_report(config, workdir, log=log)

@@ -157,3 +157,43 @@ def test_every_stage_on_the_jobs_vae_is_stale_when_the_vae_changes(smoke_job):
   for name in records:
     if name != "vae":
       assert f"  {name}: built on a run of " in message, name
+
+
+def test_an_interrupted_stage_resumes_only_with_the_config_and_parents_it_started_with(
+    smoke_job, tmp_path, monkeypatch):
+  """An interrupted stage (STARTED.json, no DONE.json) would resume from its own
+  checkpoints: that is refused when its config or an upstream run changed since."""
+  workdir, records = smoke_job
+  copy = str(tmp_path / "copy")
+  os.makedirs(copy)
+  for name in ("data", "vae", "pretrain_t2i", "pretrain_edit", "pretrain_joint"):
+    os.symlink(os.path.join(workdir, name), os.path.join(copy, name))
+  os.makedirs(os.path.join(copy, "sft"))  # a finished sft that can be "re-run" below
+  shutil.copy(stages.done_path(workdir, "sft"), stages.done_path(copy, "sft"))
+  ran = []
+
+  def preempted_rl(ctx):
+    ran.append(ctx.name)
+    raise stages.StagePreempted("rl: preempted")
+
+  monkeypatch.setitem(stages.STAGE_RUNNERS, "rl", preempted_rl)
+  config = stages.load_job_config(CONFIG, ["--config.preset=smoke"])
+  stages.run_job(config, copy, stages="sft,rl", log=lambda m: None)
+  assert ran == ["rl"] and stages.read_done(copy, "rl") is None
+  started = stages.read_started(copy, "rl")
+  assert started["upstream_run_ids"]["sft"] == records["sft"]["run_id"]
+
+  # Resuming with the same config and parents is allowed (the runner is called again).
+  stages.run_job(config, copy, stages="sft,rl", log=lambda m: None)
+  assert ran == ["rl", "rl"]
+  # A changed field of the stage is not.
+  changed = stages.load_job_config(CONFIG, ["--config.preset=smoke", "--config.rl.iterations=2"])
+  with pytest.raises(ConfigError, match=r"rl: interrupted run \(its checkpoints would be resumed\) "
+                                        r"with a different config \(rl.iterations: 1 -> 2\)"):
+    stages.run_job(changed, copy, stages="sft,rl", log=lambda m: None)
+  # Nor is a parent that was re-run after the interruption.
+  sft = stages.read_done(copy, "sft")
+  stages._write_json(stages.done_path(copy, "sft"), {**sft, "run_id": "a-later-run"})
+  with pytest.raises(ConfigError, match="rl: interrupted run .* built on an earlier run of 'sft'"):
+    stages.run_job(config, copy, stages="sft,rl", log=lambda m: None)
+  assert ran == ["rl", "rl"]
