@@ -268,12 +268,19 @@ def _why_stale(record: dict, config: ml_collections.ConfigDict, workdir: str, st
   return ""
 
 
+def _holds_work(stage_dir: str) -> bool:
+  """Whether a stage directory holds anything a re-run would resume from (any file but
+  STARTED.json): a stage that failed before writing anything may re-run with a fix."""
+  return any(f != STARTED_FILE or root != stage_dir
+             for root, _, files in os.walk(stage_dir) for f in files)
+
+
 def check_finished_stages(config: ml_collections.ConfigDict, workdir: str,
                           names: list[str]) -> None:
   """Raises ConfigError if a stage among `names` holds work that is not of this run.
 
-  Stale means: finished (DONE.json) or interrupted (STARTED.json, whose checkpoints
-  the stage would resume) with a different `stage_inputs`; or built on a run of an
+  Stale means: finished (DONE.json) or interrupted (STARTED.json and files the stage
+  would resume from) with a different `stage_inputs`; or built on a run of an
   upstream stage (`upstream_stages`) other than its current one, or on one that is
   gone or will run again now (not finished, or stale itself). Records written
   before these fields existed are trusted. All stale stages are named at once,
@@ -290,7 +297,8 @@ def check_finished_stages(config: ml_collections.ConfigDict, workdir: str,
     else:
       will_run.add(name)
       started = read_started(workdir, name)
-      why = started and _why_stale(started, config, workdir, name, will_run)
+      why = (started and _holds_work(os.path.join(workdir, name))
+             and _why_stale(started, config, workdir, name, will_run))
       if why:
         why = f"interrupted run (its checkpoints would be resumed) {why}"
     if why:

@@ -172,22 +172,35 @@ def test_an_interrupted_stage_resumes_only_with_the_config_and_parents_it_starte
   shutil.copy(stages.done_path(workdir, "sft"), stages.done_path(copy, "sft"))
   ran = []
 
+  def failed_rl(ctx):  # fails before writing anything: a fixed config may re-run it
+    ran.append(ctx.name)
+    raise ValueError("a bad field")
+
+  monkeypatch.setitem(stages.STAGE_RUNNERS, "rl", failed_rl)
+  config = stages.load_job_config(CONFIG, ["--config.preset=smoke"])
+  with pytest.raises(ValueError):
+    stages.run_job(config, copy, stages="sft,rl", log=lambda m: None)
+  assert stages.read_started(copy, "rl") is not None
+
   def preempted_rl(ctx):
     ran.append(ctx.name)
+    with open(os.path.join(ctx.workdir, "rl_progress.json"), "w") as f:
+      f.write("{}")  # what a real stage resumes from
     raise stages.StagePreempted("rl: preempted")
 
   monkeypatch.setitem(stages.STAGE_RUNNERS, "rl", preempted_rl)
-  config = stages.load_job_config(CONFIG, ["--config.preset=smoke"])
+  changed = stages.load_job_config(CONFIG, ["--config.preset=smoke", "--config.rl.iterations=2"])
+  stages.run_job(changed, copy, stages="sft,rl", log=lambda m: None)  # nothing to resume: runs
+  shutil.rmtree(os.path.join(copy, "rl"))
   stages.run_job(config, copy, stages="sft,rl", log=lambda m: None)
-  assert ran == ["rl"] and stages.read_done(copy, "rl") is None
+  assert ran == ["rl", "rl", "rl"] and stages.read_done(copy, "rl") is None
   started = stages.read_started(copy, "rl")
   assert started["upstream_run_ids"]["sft"] == records["sft"]["run_id"]
 
   # Resuming with the same config and parents is allowed (the runner is called again).
   stages.run_job(config, copy, stages="sft,rl", log=lambda m: None)
-  assert ran == ["rl", "rl"]
+  assert ran == ["rl"] * 4
   # A changed field of the stage is not.
-  changed = stages.load_job_config(CONFIG, ["--config.preset=smoke", "--config.rl.iterations=2"])
   with pytest.raises(ConfigError, match=r"rl: interrupted run \(its checkpoints would be resumed\) "
                                         r"with a different config \(rl.iterations: 1 -> 2\)"):
     stages.run_job(changed, copy, stages="sft,rl", log=lambda m: None)
@@ -196,4 +209,4 @@ def test_an_interrupted_stage_resumes_only_with_the_config_and_parents_it_starte
   stages._write_json(stages.done_path(copy, "sft"), {**sft, "run_id": "a-later-run"})
   with pytest.raises(ConfigError, match="rl: interrupted run .* built on an earlier run of 'sft'"):
     stages.run_job(config, copy, stages="sft,rl", log=lambda m: None)
-  assert ran == ["rl", "rl"]
+  assert ran == ["rl"] * 4
