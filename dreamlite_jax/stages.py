@@ -250,22 +250,20 @@ def _run_inputs(config: ml_collections.ConfigDict, workdir: str, stage: str) -> 
                                for u in upstream_stages(config, stage)}}
 
 
-def _why_stale(record: dict, config: ml_collections.ConfigDict, workdir: str, stage: str,
-               will_run: set[str]) -> str:
-  """Why a stage's DONE.json or STARTED.json record is not of this run ('' if it is)."""
-  if "config" in record:
-    diff = _config_diff(record["config"], stage_inputs(config, stage))
-    if diff:
-      return f"with a different config ({diff})"
+def _staleness(record: dict, config: ml_collections.ConfigDict, workdir: str, stage: str,
+               will_run: set[str]) -> tuple[str, str]:
+  """(the config fields that changed since `record` was written, why the upstream runs
+  it was built on are not the current ones); '' where nothing changed."""
+  diff = _config_diff(record["config"], stage_inputs(config, stage)) if "config" in record else ""
   for upstream, run_id in (record.get("upstream_run_ids") or {}).items():
     upstream_record = read_done(workdir, upstream)
     if upstream in will_run:
-      return f"built on a run of {upstream!r} that this job is about to replace"
+      return diff, f"built on a run of {upstream!r} that this job is about to replace"
     if upstream_record is None:
-      return f"built on {upstream!r}, which has no finished run in this workdir any more"
+      return diff, f"built on {upstream!r}, which has no finished run in this workdir any more"
     if upstream_record.get("run_id") != run_id:
-      return f"built on an earlier run of {upstream!r}"
-  return ""
+      return diff, f"built on an earlier run of {upstream!r}"
+  return diff, ""
 
 
 def _holds_work(stage_dir: str) -> bool:
@@ -289,20 +287,20 @@ def check_finished_stages(config: ml_collections.ConfigDict, workdir: str,
   will_run: set[str] = set()
   problems: list[tuple[str, str]] = []
   for name in names:
+    why = ""
     done = read_done(workdir, name)
+    started = read_started(workdir, name) if done is None else None
     if done is not None:
-      why = _why_stale(done, config, workdir, name, will_run)
-      if why.startswith("with"):
-        why = "finished " + why
-    else:
+      diff, upstream = _staleness(done, config, workdir, name, will_run)
+      why = f"finished with a different config ({diff})" if diff else upstream
+    elif started is not None and _holds_work(os.path.join(workdir, name)):
+      diff, upstream = _staleness(started, config, workdir, name, will_run)
+      if diff or upstream:
+        why = ("interrupted run (its checkpoints would be resumed) "
+               + (f"with a different config ({diff})" if diff else upstream))
+    if done is None or why:
       will_run.add(name)
-      started = read_started(workdir, name)
-      why = (started and _holds_work(os.path.join(workdir, name))
-             and _why_stale(started, config, workdir, name, will_run))
-      if why:
-        why = f"interrupted run (its checkpoints would be resumed) {why}"
     if why:
-      will_run.add(name)
       problems.append((name, why))
   if problems:
     lines = "\n".join(f"  {name}: {why}" for name, why in problems)
