@@ -99,9 +99,9 @@ def torch_velocity(unet: DreamLiteUNetModel, canvas: np.ndarray, timestep: np.nd
   """The torch U-Net on an NHWC canvas (for sampler-only parity via a host callback)."""
   with _one_thread():
     out = unet(torch.from_numpy(np.array(canvas)).permute(0, 3, 1, 2),
-               timestep=torch.from_numpy(np.asarray(timestep)),
-               encoder_hidden_states=torch.from_numpy(np.asarray(text)),
-               encoder_attention_mask=torch.from_numpy(np.asarray(text_mask)),
-               added_cond_kwargs={"time_ids": torch.from_numpy(np.asarray(time_ids))},
+               timestep=torch.from_numpy(np.array(timestep)),
+               encoder_hidden_states=torch.from_numpy(np.array(text)),
+               encoder_attention_mask=torch.from_numpy(np.array(text_mask)),
+               added_cond_kwargs={"time_ids": torch.from_numpy(np.array(time_ids))},
                return_dict=False)[0]
   return out.permute(0, 2, 3, 1).numpy()

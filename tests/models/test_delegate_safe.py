@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jaxpr_walk import jaxpr_eqns
 from dreamlite_jax.models import layers, weights
 from dreamlite_jax.models.unet import DreamLiteUNet, UNetConfig
 from dreamlite_jax.models.vae import TinyAutoencoder, VAEConfig
@@ -12,17 +13,10 @@ from dreamlite_jax.models.vae import TinyAutoencoder, VAEConfig
 FORBIDDEN = {"gather", "scatter", "scatter-add", "while", "cond", "dynamic_slice"}
 
 
-def _eqns(jaxpr):
-  for eqn in jaxpr.eqns:
-    yield eqn
-    for sub in jax.core.jaxprs_in_params(eqn.params):
-      yield from _eqns(sub)
-
-
 def _check(fn, *args):
   jaxpr = jax.make_jaxpr(fn)(*args).jaxpr
   bad_rank, bad_ops = [], []
-  for eqn in _eqns(jaxpr):
+  for eqn in jaxpr_eqns(jaxpr):
     for var in eqn.outvars:
       if hasattr(var.aval, "shape") and len(var.aval.shape) > 4:
         bad_rank.append((eqn.primitive.name, var.aval.shape))
@@ -117,7 +111,7 @@ def test_depthwise_conv_lowerings_agree_and_export_keeps_one_conv_op():
   loss = lambda p, x: jnp.sum(jnp.sin(conv.apply(p, x)))
 
   def prims(fn, *args):
-    return {e.primitive.name for e in _eqns(jax.make_jaxpr(fn)(*args).jaxpr)}
+    return {e.primitive.name for e in jaxpr_eqns(jax.make_jaxpr(fn)(*args).jaxpr)}
 
   assert jax.default_backend() == "cpu"
   assert "conv_general_dilated" not in prims(conv.apply, params, x)

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 
+from jaxpr_walk import jaxpr_eqns
 from hf_reference import VOCAB, last_layer_output, rel_err
 from dreamlite_jax.models.qwen3_vl import Qwen3VLConfig, Qwen3VLEncoder
 from dreamlite_jax.models.text_encoder import Qwen3TextConfig, mrope_axis_selector
@@ -66,30 +67,15 @@ def test_text_only_forward_lowers_with_rank_at_most_4():
     return model.apply({"params": p}, e, m, method=Qwen3VLEncoder.forward_embeddings)
 
   jaxpr = jax.make_jaxpr(jax.jit(forward))(params, embeds, mask)
-  eqns = list(_all_eqns(jaxpr.jaxpr))
+  eqns = list(jaxpr_eqns(jaxpr.jaxpr))
   ranks = {(e.primitive.name, v.aval.ndim) for e in eqns for v in e.outvars if v.aval.ndim > 4}
   assert not ranks, f"rank > 4 tensors in the text-only forward: {ranks}"
   prims = {e.primitive.name for e in eqns}
   assert not prims & {"gather", "scatter", "scatter-add", "while", "cond"}, prims
   assert "dot_general" in prims                     # the check saw the real graph
   full = jax.make_jaxpr(lambda p, i, m: model.apply({"params": p}, i, m))(params, ids, mask)
-  gathers = [e for e in _all_eqns(full.jaxpr) if e.primitive.name == "gather"]
+  gathers = [e for e in jaxpr_eqns(full.jaxpr) if e.primitive.name == "gather"]
   assert len(gathers) == 1, "only the embedding lookup may gather"
-
-
-def _all_eqns(jaxpr):
-  for eqn in jaxpr.eqns:
-    yield eqn
-    for sub in jax.core.subjaxprs(eqn) if hasattr(jax.core, "subjaxprs") else _subjaxprs(eqn):
-      yield from _all_eqns(sub)
-
-
-def _subjaxprs(eqn):
-  for v in eqn.params.values():
-    if hasattr(v, "jaxpr") and hasattr(v.jaxpr, "eqns"):
-      yield v.jaxpr
-    elif hasattr(v, "eqns"):
-      yield v
 
 
 def test_released_style_config_gives_the_2b_presets():
