@@ -41,7 +41,7 @@ def _velocity_fn(unet, params):
 
 
 def _denoise(unet, params, noise, condition, sigmas, cond, uncond, guidance, image_guidance):
-  """Whole sampling loop, jitted once per (shapes, guidance mode)."""
+  """Whole sampling loop, jitted once per (batch shape, guidance mode)."""
   velocity = _velocity_fn(unet, params)
   if uncond is None:
     return sampling.few_step_sample(velocity, noise, condition, sigmas, cond)
@@ -143,7 +143,9 @@ class Pipeline:
   def denoise(self, noise: jax.Array, condition: jax.Array, cond: dict, uncond: dict | None,
               steps: int, guidance: float | None, image_guidance: float | None) -> jax.Array:
     """Runs the sampler on latents `[B, h, w, 4]`; returns final latents `[B, h, w, 4]`."""
-    sigmas = jnp.asarray(flow.sampling_sigmas(steps, self.shift.mu(*noise.shape[1:3])))
+    # Padded to one length: every step count shares the compiled sampler of its mode.
+    sigmas = jnp.asarray(sampling.pad_schedule(
+        flow.sampling_sigmas(steps, self.shift.mu(*noise.shape[1:3]))))
     g = None if guidance is None else jnp.float32(guidance)
     g_img = None if image_guidance is None else jnp.float32(image_guidance)
     return self._denoise(self.unet_params, noise, condition, sigmas, cond, uncond, g, g_img)

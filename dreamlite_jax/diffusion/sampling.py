@@ -15,7 +15,10 @@ network call per step:
 - dual guidance for editing (3 branches: (uncond text, zero condition),
   (uncond text, source), (text, source)):
   `v = u + g (v_text - v_img) + g_img (v_img - u)`.
-Loops are `jax.lax.scan` over a static-length sigma array, so a sampler jits once.
+The ODE loop runs up to the schedule's last strictly decreasing pair: a schedule
+padded by repeating its final sigma (`pad_schedule`) runs only its real steps, so
+callers that pad every schedule to one length compile one sampler for all step
+counts (XLA:CPU spends 5-8 s on each tiny-U-Net sampler).
 """
 from __future__ import annotations
 
@@ -24,6 +27,7 @@ from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from dreamlite_jax.diffusion import flow
 from dreamlite_jax.diffusion import packing
@@ -105,6 +109,23 @@ def _validate(noise: jax.Array, condition: jax.Array, sigmas: jax.Array, cond: A
       raise ValueError("uncond and cond must have the same pytree structure")
 
 
+def pad_schedule(sigmas, multiple: int = 32) -> np.ndarray:
+  """`sigmas` [N + 1] padded with copies of its last value to a multiple of `multiple`.
+
+  The padded pairs are zero-length steps that `euler_sample` does not run; the
+  padding only makes schedules of different lengths the same shape.
+  """
+  sigmas = np.asarray(sigmas, np.float32)
+  length = -(-len(sigmas) // multiple) * multiple
+  return np.concatenate([sigmas, np.full(length - len(sigmas), sigmas[-1], np.float32)])
+
+
+def _num_steps(sigmas: jax.Array) -> jax.Array:
+  """1 + the index of the last strictly decreasing pair (0 if there is none)."""
+  decreasing = sigmas[:-1] > sigmas[1:]
+  return jnp.max(jnp.where(decreasing, jnp.arange(1, sigmas.shape[0]), 0))
+
+
 def euler_sample(velocity_fn: VelocityFn, noise: jax.Array, condition: jax.Array,
                  sigmas: jax.Array, cond: Any, uncond: Any = None,
                  guidance_scale: float | jax.Array | None = None,
@@ -115,7 +136,8 @@ def euler_sample(velocity_fn: VelocityFn, noise: jax.Array, condition: jax.Array
     velocity_fn: see module docstring.
     noise: initial latents at sigmas[0] [B, H, W, C].
     condition: condition half [B, H, W, C] (zeros for T2I, source latent for edit).
-    sigmas: [N + 1] decreasing schedule ending in 0 (`flow.sampling_sigmas`).
+    sigmas: [N + 1] decreasing schedule ending in 0 (`flow.sampling_sigmas`), optionally
+      padded with copies of its last value (`pad_schedule`), which are not run.
     cond, uncond, guidance_scale, image_guidance_scale: see `guided_velocity`.
   Returns:
     final latents [B, H, W, C] float32.
@@ -123,14 +145,13 @@ def euler_sample(velocity_fn: VelocityFn, noise: jax.Array, condition: jax.Array
   _validate(noise, condition, sigmas, cond, uncond)
   sigmas = jnp.asarray(sigmas, jnp.float32)
 
-  def step(x, s_pair):
-    s, s_next = s_pair
+  def step(i, x):
+    s, s_next = sigmas[i], sigmas[i + 1]
     v = guided_velocity(velocity_fn, x, condition, s, cond, uncond, guidance_scale,
                         image_guidance_scale)
-    return x + (s_next - s) * v, None
+    return x + (s_next - s) * v
 
-  x, _ = jax.lax.scan(step, noise.astype(jnp.float32), (sigmas[:-1], sigmas[1:]))
-  return x
+  return jax.lax.fori_loop(0, _num_steps(sigmas), step, noise.astype(jnp.float32))
 
 
 def few_step_sample(velocity_fn: VelocityFn, noise: jax.Array, condition: jax.Array,

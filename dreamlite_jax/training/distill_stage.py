@@ -40,6 +40,7 @@ from data_pipelines import shapes
 from dreamlite_jax.config import ConfigError
 from dreamlite_jax.diffusion import flow
 from dreamlite_jax.eval import shapes_eval
+from dreamlite_jax.eval import shapes_stage
 from dreamlite_jax.training import checkpoints as ckpt
 from dreamlite_jax.training import distill
 from dreamlite_jax.training import mesh as mesh_lib
@@ -195,28 +196,22 @@ def shapes_score(pipe: Any, eval_cfg: ml_collections.ConfigDict, steps: int,
                  with_edit: bool) -> dict[str, Any]:
   """Shapes-world scores of one sampler: {"t2i": {...}, "edit": {...}, "overall": float}.
 
-  "overall" is the mean of the T2I and (when `with_edit`) edit "overall" accuracies.
+  Sampled by the eval stage's `sample_t2i` / `sample_edit` (fixed batch shape, so the
+  four samplers share compiled programs); "overall" is the mean of the T2I and (when
+  `with_edit`) edit "overall" accuracies.
   """
-  size, bs = eval_cfg.size, eval_cfg.batch_size
+  size = eval_cfg.size
+  sampler = ml_collections.ConfigDict(dict(
+      steps=steps, guidance=guidance or 0.0, image_guidance=image_guidance or 0.0,
+      batch_size=eval_cfg.batch_size, seed=eval_cfg.seed))
   prompts = shapes.t2i_eval_prompts("train", eval_cfg.per_category, size)
-  images = []
-  for start in range(0, len(prompts), bs):
-    chunk = prompts[start:start + bs]
-    images.append(pipe.generate([p["caption"] for p in chunk], seed=eval_cfg.seed + start,
-                                steps=steps, guidance=guidance, size=size, output="np"))
-  out: dict[str, Any] = {"t2i": shapes_eval.score_t2i(np.concatenate(images),
+  out: dict[str, Any] = {"t2i": shapes_eval.score_t2i(shapes_stage.sample_t2i(pipe, prompts, sampler),
                                                        [p["metadata"] for p in prompts])}
   overall = [out["t2i"]["overall"]]
   if with_edit:
     edits = shapes.edit_eval_set("train", eval_cfg.per_type, size)
-    results = []
-    for start in range(0, len(edits), bs):
-      chunk = edits[start:start + bs]
-      results.append(pipe.edit([e["source"] for e in chunk], [e["instruction"] for e in chunk],
-                               seed=eval_cfg.seed + start, steps=steps, guidance=guidance,
-                               image_guidance=image_guidance if guidance is not None else None,
-                               size=size, output="np"))
-    out["edit"] = shapes_eval.score_edit([e["source"] for e in edits], np.concatenate(results),
+    out["edit"] = shapes_eval.score_edit([e["source"] for e in edits],
+                                         shapes_stage.sample_edit(pipe, edits, sampler),
                                          [e["metadata"] for e in edits])
     overall.append(out["edit"]["overall"])
   out["overall"] = float(np.mean(overall))

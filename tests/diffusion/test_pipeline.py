@@ -64,6 +64,10 @@ def test_generate_is_deterministic_and_seed_dependent():
   # No guidance (distilled checkpoints) is a different, still deterministic, sampler.
   free = pipe.generate(prompts[0], seed=0, output="latent", guidance=None, **KW)
   assert np.abs(free - alone).max() > 1e-4
+  # Any step count runs through the same compiled sampler of its guidance mode.
+  compiled = pipe._denoise._cache_size()
+  three = pipe.generate(prompts[0], seed=0, output="latent", steps=3, size=SIZE)
+  assert np.abs(three - alone).max() > 1e-4 and pipe._denoise._cache_size() == compiled
   pil = pipe.generate(prompts[0], seed=0, **KW)
   assert isinstance(pil[0], Image.Image) and pil[0].size == (SIZE, SIZE)
   with pytest.raises(ValueError, match="multiples of 8"):

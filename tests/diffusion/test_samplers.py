@@ -67,6 +67,28 @@ def test_euler_reproduces_mixture_moments():
   assert abs((x[:, 0] < 0).mean() - WEIGHTS[0]) < 0.03
 
 
+def test_a_padded_schedule_runs_only_its_real_steps():
+  calls = []
+
+  def counting_fn(canvas, timestep, cond):
+    jax.debug.callback(lambda t: calls.append(float(t[0])), timestep)
+    return mixture_velocity_fn(canvas, timestep, cond)
+
+  z = _noise(16, 3)
+  run = jax.jit(lambda z, sigmas: sampling.euler_sample(counting_fn, z, jnp.zeros_like(z), sigmas,
+                                                        _cond(16)))
+  for steps, end in ((3, 0.0), (7, 0.0), (4, 0.25)):  # a schedule may stop above 0 too
+    sigmas = flow.sampling_sigmas(steps, mu=0.5)
+    sigmas[-1] = end
+    padded = sampling.pad_schedule(sigmas)
+    assert padded.shape == (32,) and np.all(padded[steps:] == end)
+    calls.clear()
+    np.testing.assert_array_equal(run(z, padded), run(z, sigmas))
+    assert calls == pytest.approx(2 * list(sigmas[:-1] * 1000))  # no U-Net call for the padding
+  assert run._cache_size() == 1 + 3  # every padded schedule shares one compilation
+  assert sampling.pad_schedule(flow.sampling_sigmas(40, 0.5)).shape == (64,)
+
+
 def test_sde_reproduces_mixture_moments():
   n = 8000
   sigmas = flow.sampling_sigmas(60, mu=0.0)
