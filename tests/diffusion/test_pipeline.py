@@ -68,6 +68,13 @@ def test_generate_is_deterministic_and_seed_dependent():
   compiled = pipe._denoise._cache_size()
   three = pipe.generate(prompts[0], seed=0, output="latent", steps=3, size=SIZE)
   assert np.abs(three - alone).max() > 1e-4 and pipe._denoise._cache_size() == compiled
+  # ... and so do the same params from host memory or from a training mesh.
+  mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",))
+  for params in (jax.device_get(pipe.unet_params), jax.device_put(
+      pipe.unet_params, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))):
+    again = pipe.with_unet_params(params).generate(prompts[0], seed=0, output="latent", **KW)
+    np.testing.assert_array_equal(again, alone)
+  assert pipe._denoise._cache_size() == compiled
   pil = pipe.generate(prompts[0], seed=0, **KW)
   assert isinstance(pil[0], Image.Image) and pil[0].size == (SIZE, SIZE)
   with pytest.raises(ValueError, match="multiples of 8"):
