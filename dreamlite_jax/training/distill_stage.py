@@ -205,8 +205,8 @@ def shapes_score(pipe: Any, eval_cfg: ml_collections.ConfigDict, steps: int,
       steps=steps, guidance=guidance or 0.0, image_guidance=image_guidance or 0.0,
       batch_size=eval_cfg.batch_size, seed=eval_cfg.seed))
   prompts = shapes.t2i_eval_prompts("train", eval_cfg.per_category, size)
-  out: dict[str, Any] = {"t2i": shapes_eval.score_t2i(shapes_stage.sample_t2i(pipe, prompts, sampler),
-                                                       [p["metadata"] for p in prompts])}
+  images = shapes_stage.sample_t2i(pipe, prompts, sampler)
+  out: dict[str, Any] = {"t2i": shapes_eval.score_t2i(images, [p["metadata"] for p in prompts])}
   overall = [out["t2i"]["overall"]]
   if with_edit:
     edits = shapes.edit_eval_set("train", eval_cfg.per_type, size)
