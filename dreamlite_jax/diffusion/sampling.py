@@ -15,7 +15,7 @@ network call per step:
 - dual guidance for editing (3 branches: (uncond text, zero condition),
   (uncond text, source), (text, source)):
   `v = u + g (v_text - v_img) + g_img (v_img - u)`.
-The ODE loop runs up to the schedule's last strictly decreasing pair: a schedule
+The ODE loop runs up to the schedule's last pair of different sigmas: a schedule
 padded by repeating its final sigma (`pad_schedule`) runs only its real steps, so
 callers that pad every schedule to one length compile one sampler for all step
 counts (XLA:CPU spends 5-8 s on each tiny-U-Net sampler).
@@ -121,9 +121,9 @@ def pad_schedule(sigmas, multiple: int = 32) -> np.ndarray:
 
 
 def _num_steps(sigmas: jax.Array) -> jax.Array:
-  """1 + the index of the last strictly decreasing pair (0 if there is none)."""
-  decreasing = sigmas[:-1] > sigmas[1:]
-  return jnp.max(jnp.where(decreasing, jnp.arange(1, sigmas.shape[0]), 0))
+  """1 + the index of the last pair of different sigmas (0 if all are equal)."""
+  moving = sigmas[:-1] != sigmas[1:]
+  return jnp.max(jnp.where(moving, jnp.arange(1, sigmas.shape[0]), 0))
 
 
 def euler_sample(velocity_fn: VelocityFn, noise: jax.Array, condition: jax.Array,

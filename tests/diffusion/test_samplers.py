@@ -77,15 +77,18 @@ def test_a_padded_schedule_runs_only_its_real_steps():
   z = _noise(16, 3)
   run = jax.jit(lambda z, sigmas: sampling.euler_sample(counting_fn, z, jnp.zeros_like(z), sigmas,
                                                         _cond(16)))
-  for steps, end in ((3, 0.0), (7, 0.0), (4, 0.25)):  # a schedule may stop above 0 too
+  for steps, end in ((3, 0.0), (7, 0.0), (4, 0.25), (5, None)):
     sigmas = flow.sampling_sigmas(steps, mu=0.5)
-    sigmas[-1] = end
+    if end is None:  # an increasing schedule (inversion) runs too
+      sigmas = sigmas[::-1].copy()
+    else:  # a schedule may stop above 0
+      sigmas[-1] = end
     padded = sampling.pad_schedule(sigmas)
-    assert padded.shape == (32,) and np.all(padded[steps:] == end)
+    assert padded.shape == (32,) and np.all(padded[steps:] == sigmas[-1])
     calls.clear()
     np.testing.assert_array_equal(run(z, padded), run(z, sigmas))
     assert calls == pytest.approx(2 * list(sigmas[:-1] * 1000))  # no U-Net call for the padding
-  assert run._cache_size() == 1 + 3  # every padded schedule shares one compilation
+  assert run._cache_size() == 1 + 4  # every padded schedule shares one compilation
   assert sampling.pad_schedule(flow.sampling_sigmas(40, 0.5)).shape == (64,)
 
 
