@@ -1,20 +1,32 @@
 """The frozen parts every stage of a job shares: text encoder, VAE, U-Net module, data.
 
 Built lazily (a job that only converts never renders training data) and once
-per job. The VAE's params come from the job's `vae` stage (or from
-`config.model.vae_checkpoint` when a converted VAE is given); the text
-encoder is `config.model.text_encoder.spec` (`tiny:SEED` = the tiny Qwen3,
-random init with that seed, frozen, with the real Qwen tokenizer).
+per job. The VAE's params come from the job's `vae` stage, or from
+`config.model.vae_checkpoint`: a training run's directory or a diffusers
+`AutoencoderTiny` folder (the released TAESD weights). The text encoder is
+`config.model.text_encoder.spec` (`tiny:SEED` = the tiny Qwen3, random init with
+that seed, frozen, with the real Qwen tokenizer; or a local Qwen3-VL folder); ''
+means none: stages that train on embedding caches read precomputed features.
 """
 from __future__ import annotations
 
 import functools
+import json
 import os
 from typing import Any
 
 import jax
 import ml_collections
 import numpy as np
+
+from dreamlite_jax.config import ConfigError
+from dreamlite_jax.models import channel_concat
+from dreamlite_jax.models import weights
+from dreamlite_jax.models.unet import DreamLiteUNet, UNetConfig
+from dreamlite_jax.models.vae import TinyAutoencoder, VAEConfig
+from dreamlite_jax.pipeline import Pipeline, build_text_encoder
+from dreamlite_jax.training import checkpoints
+from dreamlite_jax.training import shapes_data
 
 
 class SharedModels:
@@ -30,15 +42,11 @@ class SharedModels:
 
   @functools.cached_property
   def unet_config(self):
-    from dreamlite_jax.models.unet import UNetConfig
     return UNetConfig.from_dict(self.config.model.unet.to_dict())
 
   @functools.cached_property
   def unet(self):
     """The denoiser module; `config.model.conditioning = "channel"` selects the ablation."""
-    from dreamlite_jax.config import ConfigError
-    from dreamlite_jax.models import channel_concat
-    from dreamlite_jax.models.unet import DreamLiteUNet
     mode = self.config.model.conditioning
     if mode == "spatial":
       return DreamLiteUNet(self.unet_config)
@@ -49,12 +57,10 @@ class SharedModels:
 
   @functools.cached_property
   def vae_config(self):
-    from dreamlite_jax.models.vae import VAEConfig
     return VAEConfig.from_dict(self.config.model.vae.to_dict())
 
   @functools.cached_property
   def vae(self):
-    from dreamlite_jax.models.vae import TinyAutoencoder
     return TinyAutoencoder(self.vae_config)
 
   @property
@@ -63,9 +69,11 @@ class SharedModels:
 
   @property
   def vae_params(self) -> Any:
-    """The trained VAE's (EMA) params; the `vae` stage must have finished."""
+    """The VAE's params: the trained (EMA) ones of a run, or a diffusers folder's."""
     if self._vae_params is None:
-      from dreamlite_jax.training import checkpoints
+      if _is_diffusers_vae(self.vae_workdir):
+        self._vae_params = _load_diffusers_vae(self.vae_workdir, self.vae_config)
+        return self._vae_params
       if not os.path.isdir(os.path.join(self.vae_workdir, "checkpoints")):
         raise FileNotFoundError(f"no VAE checkpoint in {self.vae_workdir}: run the 'vae' stage "
                                 f"first or set config.model.vae_checkpoint")
@@ -76,9 +84,9 @@ class SharedModels:
 
   @property
   def text_encoder(self):
-    if self._text_encoder is None:
-      from dreamlite_jax.pipeline import build_text_encoder
-      te = self.config.model.text_encoder
+    """The frozen text encoder, or None when `model.text_encoder.spec` is ''."""
+    te = self.config.model.text_encoder
+    if self._text_encoder is None and te.spec:
       self._text_encoder = build_text_encoder(te.spec, te.text_length)
     return self._text_encoder
 
@@ -88,7 +96,6 @@ class SharedModels:
 
   def pipeline(self, unet_params: Any):
     """A `Pipeline` over the shared text encoder, U-Net module and trained VAE."""
-    from dreamlite_jax.pipeline import Pipeline
     if self._pipeline is None:
       # Built once: every stage's pipeline shares its jitted sampler (one compilation per mode).
       vae_scale = self.vae_config.downsample_factor
@@ -106,10 +113,12 @@ class SharedModels:
     """Which trained VAE the cached latents come from: the `vae` stage's run (its
     DONE record's id), or an external checkpoint directory, its steps and the
     modification time of the latest."""
-    from dreamlite_jax import stages
     if not self.config.model.vae_checkpoint:
-      record = stages.read_done(self.workdir, "vae") or {}
+      record = _read_json(os.path.join(self.workdir, "vae", "DONE.json"))
       return {"vae_stage_run": record.get("run_id", record.get("finished_at"))}
+    if _is_diffusers_vae(self.vae_workdir):
+      path = os.path.join(os.path.abspath(self.vae_workdir), "diffusion_pytorch_model.safetensors")
+      return {"vae_folder": os.path.dirname(path), "modified_ns": os.stat(path).st_mtime_ns}
     directory = os.path.join(os.path.abspath(self.vae_workdir), "checkpoints")
     steps = sorted(int(n) for n in os.listdir(directory) if n.isdigit())
     latest = os.path.join(directory, str(steps[-1])) if steps else directory
@@ -119,7 +128,6 @@ class SharedModels:
   def raw_data(self) -> dict[str, np.ndarray]:
     """Rendered training examples (`shapes_data.build_raw`), cached in `<workdir>/data/`."""
     if "raw" not in self._data:
-      from dreamlite_jax.training import shapes_data
       d = self.config.data
       self._data["raw"] = shapes_data.load_or_build(
           os.path.join(self.workdir, "data", "raw.npz"),
@@ -131,7 +139,6 @@ class SharedModels:
     """Latents + text features of the training examples (after the VAE stage), cached;
     rebuilt when the data, the VAE run or the text encoder changed."""
     if "encoded" not in self._data:
-      from dreamlite_jax.training import shapes_data
       vae, params = self.vae, self.vae_params
       enc = jax.jit(lambda p, x: vae.apply({"params": p}, x.astype("float32") / 127.5 - 1.0,
                                            method="encode"))
@@ -143,3 +150,24 @@ class SharedModels:
           lambda: shapes_data.encode(self.raw_data(), lambda x: enc(params, x),
                                      self.text_encoder), inputs)
     return self._data["encoded"]
+
+
+def _is_diffusers_vae(directory: str) -> bool:
+  return os.path.isfile(os.path.join(directory, "diffusion_pytorch_model.safetensors"))
+
+
+def _load_diffusers_vae(directory: str, expected: VAEConfig) -> Any:
+  """Params of an `AutoencoderTiny` folder; its config must be the job's `model.vae`."""
+  found, params = weights.load_vae_dir(directory)
+  if found != expected:
+    raise ConfigError(f"config.model.vae_checkpoint = {directory!r} holds a VAE with {found}, "
+                      f"but config.model.vae is {expected}")
+  return checkpoints.as_numpy(params)
+
+
+def _read_json(path: str) -> dict:
+  """A job record (the stage's DONE.json), or {} when the stage has not finished."""
+  if not os.path.exists(path):
+    return {}
+  with open(path) as f:
+    return json.load(f)

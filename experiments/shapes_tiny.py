@@ -66,7 +66,7 @@ def _sampler(steps: int, guidance: float, image_guidance: float, batch_size: int
                                         seed=0))
 
 
-def _unet_stage(parent: str, steps: int, lr: float, edit_fraction: float, *,
+def _unet_stage(parent: str, steps: int, lr: float, edit_weight: float, *,
                 warmup: int = 100, schedule: str = "cosine", init_from_ema: bool = False
                 ) -> ml_collections.ConfigDict:
   """One U-Net stage. Everything but the data mix and the learning-rate schedule is the
@@ -77,6 +77,7 @@ def _unet_stage(parent: str, steps: int, lr: float, edit_fraction: float, *,
   stage check of 0.35 against 0.19 for 700 steps at batch 32 (267 s): at this scale
   the number of updates matters more than the examples per update."""
   section = ml_collections.ConfigDict()
+  section.kind = "pretrain"
   section.parent = parent
   section.init_from_ema = init_from_ema
   section.train = train_defaults.train_config(
@@ -86,7 +87,9 @@ def _unet_stage(parent: str, steps: int, lr: float, edit_fraction: float, *,
   section.loss = ml_collections.ConfigDict(dict(
       timestep_sampling="logit_normal", logit_mean=0.0, logit_std=1.0, shift_mu=None,
       text_dropout=0.1, image_dropout=0.05))
-  section.data = ml_collections.ConfigDict(dict(edit_fraction=edit_fraction))
+  # Mixing proportions of T2I and edit examples in every batch.
+  section.data = ml_collections.ConfigDict(dict(t2i_weight=1.0 - edit_weight,
+                                                edit_weight=edit_weight))
   return section
 
 
@@ -119,11 +122,13 @@ def get_config() -> ml_collections.ConfigDict:
       text_length=48,     # features after the template prefix: the longest edit prompt is 43
   ))
 
+  # The job's data source: the shapes world, rendered once per job (`training/shapes_data.py`).
   config.data = ml_collections.ConfigDict(dict(
-      image_size=32, num_t2i=6000, num_edit=6000, seed=0))
+      source="shapes", image_size=32, num_t2i=6000, num_edit=6000, seed=0))
   config.mesh = train_defaults.mesh_config(data=-1, fsdp=1, tensor=1, max_replicated_fraction=1.0)
 
   config.vae = ml_collections.ConfigDict()
+  config.vae.kind = "vae"
   config.vae.parent = ""
   config.vae.train = train_defaults.train_config(
       steps=1200, batch_size=64, lr=3e-3, schedule="cosine", warmup_steps=50, end_lr_ratio=0.05,
@@ -138,36 +143,32 @@ def get_config() -> ml_collections.ConfigDict:
                                                    moment_weight=0.1, foreground_weight=4.0))
 
   # Image dropout only touches edit rows, so it is a no-op in pretrain_t2i.
-  config.pretrain_t2i = _unet_stage("vae", steps=1400, lr=2e-3, edit_fraction=0.0, warmup=200)
+  config.pretrain_t2i = _unet_stage("vae", steps=1400, lr=2e-3, edit_weight=0.0, warmup=200)
   config.pretrain_t2i.parent = ""  # the U-Net starts from scratch; the VAE is shared
-  # Editing gets 400 edit-only steps (700 until session 9): no edit stage length inside
-  # the 20 minutes teaches the tiny U-Net to copy the source (a copy task alone needs
-  # ~1,500 steps; README). The 55 s saved here and 100 `pretrain_joint` steps pay for 12
-  # more RL iterations, which raise the T2I score the most per second, and for margin.
-  config.pretrain_edit = _unet_stage("pretrain_t2i", steps=400, lr=1e-3, edit_fraction=1.0,
+  # Editing gets 400 edit-only steps: no edit stage length inside the 20 minutes teaches
+  # the tiny U-Net to copy the source (a copy task alone needs ~1,500 steps; docs/results.md),
+  # and RL iterations raise the T2I score the most per second.
+  config.pretrain_edit = _unet_stage("pretrain_t2i", steps=400, lr=1e-3, edit_weight=1.0,
                                      warmup=60)
-  config.pretrain_joint = _unet_stage("pretrain_edit", steps=400, lr=1e-3, edit_fraction=0.5,
+  config.pretrain_joint = _unet_stage("pretrain_edit", steps=400, lr=1e-3, edit_weight=0.5,
                                       warmup=50)
-  config.sft = _unet_stage("pretrain_joint", steps=200, lr=3e-4, edit_fraction=0.5,
+  config.sft = _unet_stage("pretrain_joint", steps=200, lr=3e-4, edit_weight=0.5,
                            warmup=20, schedule="constant", init_from_ema=True)
 
   size = config.data.image_size
   config.distill = ml_collections.ConfigDict(dict(
-      parent="rl", teacher_ema=True,
+      kind="distill", parent="rl", teacher_ema=True,
       objective=dict(
           # The 4-step schedule the CFG-free pipeline runs at 32px (mu from 16 latent tokens).
           student_timesteps=_student_timesteps(size, vae.downsample_factor), student_sampler="euler", fake_updates=1,
           guidance_scale=3.5, image_guidance_scale=1.0, dmd_weight=1.0, sigma_min=0.02,
           # DMD plus the regression onto teacher ODE pairs (16 guided teacher steps per pool
-          # row, sampled once before training). Scored on 192 T2I prompts from the session-6
-          # RL teacher (20-step CFG 0.22, 4 steps without CFG 0.12): DMD alone 0.07, DMD +
-          # regression 0.14. Session 10, the default job's teacher (0.443): 8 steps x 512
-          # pairs 0.375, 16 x 256 (the same pool cost) 0.411, 20 x 512 0.411 (README).
+          # row, sampled once before training): DMD alone scores about half of DMD +
+          # regression, and 16 steps x 256 pairs matches 20 x 512 (docs/results.md).
           sigma_max=0.98, regression_weight=1.0, regression_steps=16, gan_weight=0.0,
           gan_disc_weight=1.0, gan_hidden=64),
       fake_lr=1e-4,
-      # Student lr, scored on 192 T2I prompts from the session-8 RL teacher (20-step CFG
-      # 0.385, 4-step CFG 0.359): 5e-5 0.27, 2e-4 0.31, 4e-4 0.33, 8e-4 0.26.
+      # Student lr: the best of 5e-5, 2e-4, 4e-4 and 8e-4 on 192 T2I prompts (docs/results.md).
       train=train_defaults.train_config(
           steps=80, batch_size=16, lr=4e-4, schedule="constant", warmup_steps=10,
           weight_decay=0.0, grad_clip=10.0, b1=0.0, b2=0.999, ema_decay=0.95, log_every=10,
@@ -177,6 +178,7 @@ def get_config() -> ml_collections.ConfigDict:
                 image_guidance=1.0, use_ema=True, seed=0, batch_size=48)))
 
   config.eval = ml_collections.ConfigDict()
+  config.eval.kind = "eval"
   config.eval.parent = "distill"
   config.eval.use_ema = True
   config.eval.per_category = 16
@@ -190,13 +192,11 @@ def get_config() -> ml_collections.ConfigDict:
   # RL after SFT (dreamlite_jax/training/rl_stage.py): DiffusionNFT with the exact shapes
   # reward. Per iteration 16 prompts x 4 samples of a 10-step ODE sampler with CFG, each
   # noised twice (one noise per prompt's group) = 128 flow-matching rows in 4 updates.
-  # From the session-8 job's SFT checkpoint the teacher sampler's T2I score on 192
-  # prompts went 0.365 -> 0.385 after 20 iterations, 0.391 after 30 and 0.474 after 40
-  # (held-out on 96: 0.094 -> 0.281); the job runs 32 (3.6 s each); Flow-GRPO
-  # (`method="grpo"`, measured with iterations=4, prompts_per_iteration=8,
-  # num_minibatches=2, train.lr=3e-5, and at 12 iterations, lr 1e-4) raised its own SDE
-  # sampler's score but lowered this one, which distillation starts from (README).
+  # The teacher sampler's T2I score rises with the iteration count (docs/results.md); the
+  # job runs 32 (a few seconds each). Flow-GRPO (`method="grpo"`) raises its own SDE
+  # sampler's score but lowers this one, which distillation starts from.
   config.rl = ml_collections.ConfigDict(dict(
+      kind="rl",
       # method: "nft" (DiffusionNFT), "grpo" (Flow-GRPO), both with the exact programmatic
       # reward, or "refl" (ReFL through the learned differentiable shapes reward `reward`,
       # thresholds/regulariser in `refl`).
@@ -208,8 +208,7 @@ def get_config() -> ml_collections.ConfigDict:
       grpo=ml_collections.ConfigDict(dict(group_size=4, noise_level=0.7, clip_range=0.05,
                                           adv_clip=5.0, kl_beta=0.01, guidance=3.5,
                                           image_guidance=0.0)),
-      # DiffusionNFT (`method="nft"`): rollouts with the ODE sampler at 10 steps (20 steps:
-      # 0.365 -> 0.385 in the same 30 iterations), G per prompt, `noise_draws`
+      # DiffusionNFT (`method="nft"`): rollouts with the ODE sampler at 10 steps, G per prompt, `noise_draws`
       # forward-process rows per sample. `sample_steps` above is Flow-GRPO's.
       nft=ml_collections.ConfigDict(dict(group_size=4, beta=1.0, adv_clip=2.0, noise_draws=2,
                                          sample_steps=10, guidance=3.5, image_guidance=1.0)),
@@ -225,5 +224,6 @@ def get_config() -> ml_collections.ConfigDict:
                                                            image_guidance=1.0, batch_size=48))),
   ))
 
-  config.convert = ml_collections.ConfigDict(dict(parent="distill", use_ema=True, precision="fp32"))
+  config.convert = ml_collections.ConfigDict(dict(kind="convert", parent="distill", use_ema=True,
+                                                     precision="fp32"))
   return config

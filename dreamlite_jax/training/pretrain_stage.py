@@ -1,14 +1,16 @@
-"""The pretraining and SFT stages of the tiny job (pretrain_t2i, pretrain_edit, pretrain_joint, sft).
+"""The pretrain-kind stages of a job (pretrain_t2i, pretrain_edit, pretrain_joint, sft).
 
 All four are the same code: the flow-matching loss (`pretrain_loss`) on the
-job's shapes data (`shapes_data`), trained with the shared trainer from the
-parent stage's checkpoint; they differ only in their config section
-(`data.edit_fraction`, steps, learning rate, dropout). At the end the stage's
-EMA U-Net is scored on a small shapes evaluation (`config.eval.stage_check`),
-so the report can show what every stage added.
+job's data source (`dreamlite_jax.stage_data`: the shapes world or embedding
+caches of real data), trained with the shared trainer from the parent stage's
+checkpoint; they differ only in their config section (the T2I : edit mix,
+resolutions, steps, learning rate, dropout). On the shapes world the stage's EMA
+U-Net is scored at the end on a small shapes evaluation (`config.eval.stage_check`),
+so the report can show what every stage added; on caches the trainer writes sample
+grids of fixed cached prompts every `train.sample_every` steps (`config.samples`).
 
-Section fields: parent, init_from_ema, train (trainer fields), loss
-(PretrainLossConfig fields), data.edit_fraction.
+Section fields: kind, parent, init_from_ema, train (trainer fields), loss
+(PretrainLossConfig fields), data (t2i_weight, edit_weight; resolutions for caches).
 """
 from __future__ import annotations
 
@@ -16,12 +18,12 @@ import os
 
 import jax.numpy as jnp
 
+from dreamlite_jax import stage_data
 from dreamlite_jax.eval import shapes_stage
-from dreamlite_jax import stages
+from dreamlite_jax.preemption import raise_if_preempted
 from dreamlite_jax.training import checkpoints
 from dreamlite_jax.training import metrics as metrics_lib
 from dreamlite_jax.training import pretrain_loss
-from dreamlite_jax.training import shapes_data
 from dreamlite_jax.training import trainer
 
 
@@ -37,19 +39,39 @@ def init_unet_fn(unet, latent_hw: tuple[int, int], text_length: int, text_dim: i
   return init
 
 
-def train_unet(ctx, config, edit_fraction: float) -> trainer.TrainResult:
+def train_unet(ctx, config) -> trainer.TrainResult:
   """Runs the flow-matching trainer for `config` (a `ctx.stage_config()`) in `ctx.workdir`."""
   models = ctx.models
-  data = models.encoded_data()
+  section = ctx.section
   loss_cfg = pretrain_loss.PretrainLossConfig(**config.loss.to_dict())
   loss_fn = pretrain_loss.make_pretrain_loss(pretrain_loss.unet_predict_fn(models.unet), loss_cfg)
-  latents = data["t2i_latents"] if "t2i_latents" in data else data["edit_targets"]
-  init = init_unet_fn(models.unet, latents.shape[1:3], data["null_t2i_text"].shape[1],
-                      data["null_t2i_text"].shape[2])
-  batches = shapes_data.BatchIterator(data, config.train.batch_size, edit_fraction,
-                                      seed=config.seed + _stage_salt(ctx.name),
-                                      image_size=models.image_size)
-  return trainer.train(config, ctx.workdir, loss_fn, batches, init)
+  latent = stage_data.first_side(ctx.config, section) // models.vae_config.downsample_factor
+  init = init_unet_fn(models.unet, (latent, latent), *stage_data.text_shape(ctx, section))
+  seed = config.seed + _stage_salt(ctx.name)
+  batches = stage_data.unet_batches(ctx, section, config.train.batch_size, seed)
+  sample_fn = None
+  if stage_data.source(ctx.config) == "cache" and config.train.sample_every:
+    sample_fn = cached_sample_fn(ctx, section, batches)
+  return trainer.train(config, ctx.workdir, loss_fn, batches, init, sample_fn=sample_fn)
+
+
+def cached_sample_fn(ctx, section, batches):
+  """The trainer's `sample_fn(params, step)`: fixed cached prompts (`config.samples`) sampled
+  at the side the stage trains at that step; the same conditions every time."""
+  samples = ctx.config.samples
+  conditions: dict[int, dict] = {}
+
+  def sample(params, step):
+    side = batches.side_at(step - 1)
+    if side not in conditions:
+      conditions[side] = stage_data.sample_conditions(ctx.config, section, side,
+                                                      int(samples.count), int(samples.seed))
+    c = conditions[side]
+    return ctx.models.pipeline(params).sample_cached(
+        c, steps=int(samples.steps), guidance=float(samples.guidance),
+        image_guidance=float(samples.image_guidance), seed=int(samples.seed))
+
+  return sample
 
 
 def _stage_salt(name: str) -> int:
@@ -74,11 +96,11 @@ def final_loss(workdir: str) -> float | None:
 def run_stage(ctx) -> dict:
   """Trains one pretraining/SFT stage; returns steps, final loss and stage-check scores."""
   config = ctx.stage_config()
-  result = train_unet(ctx, config, float(ctx.section.data.edit_fraction))
-  stages.raise_if_preempted(result, ctx.name)
+  result = train_unet(ctx, config)
+  raise_if_preempted(result, ctx.name)
   out = {"steps": int(result.final_step), "final_loss": final_loss(ctx.workdir),
          "compile_seconds": result.compile_seconds}
-  if ctx.config.eval.stage_check.enabled:
+  if stage_data.source(ctx.config) == "shapes" and ctx.config.eval.stage_check.enabled:
     params = checkpoints.as_numpy(result.state.ema_params)
     out["scores"] = stage_check(ctx, params)
     out["sample_grids"] = ["samples_t2i.png", "samples_edit.png"]

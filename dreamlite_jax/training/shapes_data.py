@@ -126,19 +126,25 @@ class BatchIterator:
   Yields the pretraining loss's batch: latents, text, text_mask, source_latents,
   is_edit, null_text, null_text_mask (per example: the T2I or edit null prompt) and
   time_ids (the `image_size` pixel size ids the pipeline passes when sampling).
-  Batch `k` is a pure function of (seed, k); `get_state`/`set_state` carry k.
+  Global batch `k` (`batch_size` rows) is a pure function of (seed, k); process `i` of
+  `n` gets its rows `[i * batch_size / n, (i + 1) * batch_size / n)`, so the processes
+  together train on the global batch. `get_state`/`set_state` carry k.
   """
 
   def __init__(self, data: dict[str, np.ndarray], batch_size: int, edit_fraction: float,
-               seed: int, image_size: int):
+               seed: int, image_size: int, process_index: int = 0, process_count: int = 1):
     if not 0.0 <= edit_fraction <= 1.0:
       raise ValueError(f"edit_fraction must be in [0, 1], got {edit_fraction}")
     if edit_fraction < 1.0 and "t2i_latents" not in data:
       raise ValueError("edit_fraction < 1 but the shapes data has no T2I examples")
     if edit_fraction > 0.0 and "edit_targets" not in data:
       raise ValueError("edit_fraction > 0 but the shapes data has no edit examples")
+    if batch_size % process_count:
+      raise ValueError(f"batch_size {batch_size} is not divisible by {process_count} processes")
     self.data, self.batch_size, self.edit_fraction, self.seed = data, batch_size, edit_fraction, seed
     self.image_size = image_size
+    per_process = batch_size // process_count
+    self._rows = slice(process_index * per_process, (process_index + 1) * per_process)
     self.step = 0
 
   def __iter__(self) -> "BatchIterator":
@@ -175,7 +181,8 @@ class BatchIterator:
       latents[is_edit], source[is_edit] = d["edit_targets"][i], d["edit_sources"][i]
       text[is_edit], mask[is_edit] = d["edit_text"][t], d["edit_mask"][t]
       null_text[is_edit], null_mask[is_edit] = d["null_edit_text"], d["null_edit_mask"]
-    return {"latents": latents, "text": text, "text_mask": mask, "source_latents": source,
-            "is_edit": is_edit.astype(np.float32), "null_text": null_text,
-            "null_text_mask": null_mask,
-            "time_ids": flow.size_ids(b, self.image_size, self.image_size)}
+    batch = {"latents": latents, "text": text, "text_mask": mask, "source_latents": source,
+             "is_edit": is_edit.astype(np.float32), "null_text": null_text,
+             "null_text_mask": null_mask,
+             "time_ids": flow.size_ids(b, self.image_size, self.image_size)}
+    return {k: v[self._rows] for k, v in batch.items()}

@@ -1,0 +1,250 @@
+"""The paper-scale journey as a user runs it, end to end, with the model shrunk by overrides.
+
+A folder of JPEG images with captions and a folder of edit triplets (bad items
+included) -> `python -m data_pipelines.build_cache` with small random-weight VAE
+and Qwen3-VL folders in diffusers / transformers layout -> every
+`experiments/dreamlite_1024_<stage>.py` in order through `python -m dreamlite_jax.main`
+into one job workdir: on 8 simulated devices, then on 2 processes (gloo), and one
+stage stopped mid-run by SIGTERM and resumed to the same losses.
+
+`pytest -k paper_journey` selects these tests.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from dreamlite_jax.diffusion import flow
+from dreamlite_jax.models import weights
+from dreamlite_jax.models.unet import UNetConfig
+from dreamlite_jax.training import metrics as metrics_lib
+
+import paper_fixtures
+from rl import clip_fixture
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STAGES = ("pretrain_t2i", "pretrain_edit", "pretrain_joint", "sft", "rl", "distill")
+PRETRAIN = STAGES[:4]
+SIDES = (64, 128)   # cache sides; pretrain_t2i grows 64 -> 128 at step 2
+TEXT_LENGTH = 16
+
+
+def _config_file(stage: str) -> str:
+  return os.path.join(ROOT, "experiments", f"dreamlite_1024_{stage}.py")
+
+
+def _build_cache(folder: str, out: str, vae: str, text_encoder: str) -> subprocess.CompletedProcess:
+  return subprocess.run(
+      [sys.executable, "-m", "data_pipelines.build_cache", "--folder", folder, "--out", out,
+       "--resolutions", ",".join(map(str, SIDES)), "--vae", vae, "--text-encoder",
+       text_encoder, "--text-length", str(TEXT_LENGTH), "--min-side", "32"],
+      cwd=ROOT, capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+  """Weights, raw folders and the caches built from them by the cache command."""
+  root = tmp_path_factory.mktemp("paper_journey")
+  vae = paper_fixtures.write_tiny_vae(str(root / "taesd"))
+  qwen = paper_fixtures.write_tiny_text_encoder(str(root / "qwen3_vl"))
+  clip = clip_fixture.write_tiny_clip(str(root / "clip"))
+  images = paper_fixtures.write_t2i_folder(str(root / "images"), n=24, size=96)
+  edits = paper_fixtures.write_edit_folder(str(root / "edits"), n=24, size=96)
+  caches = {}
+  for task, folder in (("t2i", images), ("edit", edits)):
+    caches[task] = str(root / "cache" / task)
+    out = _build_cache(folder, caches[task], vae, qwen)
+    assert out.returncode == 0, out.stderr[-3000:]
+    info = json.loads(open(os.path.join(caches[task], str(SIDES[0]), "cache_info.json")).read())
+    assert info["kept"] > 0 and sum(info["skipped"].values()) > 0, info  # bad items counted
+  return {"root": root, "vae": vae, "clip": clip, "caches": caches,
+          "compile_cache": str(root / "xla_cache")}
+
+
+def _fields(prefix: str, instance) -> list[str]:
+  return [f"--config.{prefix}.{k}={v}" for k, v in dataclasses.asdict(instance).items()]
+
+
+def overrides(world) -> list[str]:
+  """The paper job shrunk to CPU size: every other field is the paper config's."""
+  vae_config, _ = weights.load_vae_dir(world["vae"])
+  text_dim = json.loads(open(os.path.join(world["caches"]["t2i"], str(SIDES[0]),
+                                          "cache_info.json")).read())["text_dim"]
+  unet = dataclasses.replace(
+      UNetConfig.tiny(encoder_hid_dim=text_dim), block_out_channels=(32, 32), heads=(1, 1),
+      down_kinds=("cross", "full"), up_kinds=("full", "none"), transformer_depth=(1, 1),
+      layers_per_block=1, dtype="float32")
+  student = tuple(round(float(t), 2) for t in flow.timesteps_from_sigmas(
+      flow.schedule_for_size(4, SIDES[0], SIDES[0], vae_scale=vae_config.downsample_factor)))
+  out = [*_fields("model.unet", unet), *_fields("model.vae", vae_config),
+         f"--config.model.vae_checkpoint={world['vae']}",
+         f"--config.model.text_encoder.text_length={TEXT_LENGTH}",
+         f"--config.data.t2i_cache={world['caches']['t2i']}",
+         f"--config.data.edit_cache={world['caches']['edit']}",
+         "--config.data.num_threads=1", "--config.data.prefetch=2",
+         "--config.mesh.fsdp=2", "--config.mesh.max_replicated_fraction=1.0",
+         "--config.samples.count=2", "--config.samples.steps=2"]
+  for stage in STAGES:
+    out += [f"--config.{stage}.train.{k}" for k in (
+        "steps=4", "batch_size=8", "warmup_steps=1", "log_every=1", "checkpoint_every=2",
+        "compute_dtype=float32", "progress_bar=False")]
+  for stage in PRETRAIN:
+    out += [f"--config.{stage}.train.sample_every=4",
+            f"--config.{stage}.data.resolutions=(({SIDES[0]}, 0),)"]
+  out += [f"--config.pretrain_t2i.data.resolutions=(({SIDES[0]}, 0), ({SIDES[1]}, 2))",
+          "--config.rl.iterations=2", "--config.rl.prompts_per_iteration=2",
+          "--config.rl.sample_steps=2", "--config.rl.num_minibatches=1",
+          "--config.rl.checkpoint_every=1", "--config.rl.grpo.group_size=2",
+          f"--config.rl.data.size={SIDES[0]}", f"--config.rl.reward.path={world['clip']}",
+          "--config.rl.eval.count=2", "--config.rl.eval.sampler.steps=2",
+          "--config.rl.eval.sampler.batch_size=2",
+          "--config.distill.objective.fake_updates=1",
+          "--config.distill.objective.regression_steps=2",
+          "--config.distill.objective.gan_hidden=16",
+          f"--config.distill.objective.student_timesteps={student}",
+          f"--config.distill.data.size={SIDES[0]}", "--config.distill.data.pool_size=8",
+          f"--config.distill.eval.size={SIDES[0]}", "--config.distill.eval.teacher_steps=2",
+          "--config.distill.eval.batch_size=4"]
+  return out
+
+
+def _env(devices: int) -> dict:
+  return dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+              TF_CPP_MIN_LOG_LEVEL="2")
+
+
+def _main_args(stage: str, workdir: str, world) -> list[str]:
+  return [sys.executable, "-m", "dreamlite_jax.main", "--config", _config_file(stage),
+          "--workdir", workdir, "--compile-cache", world["compile_cache"], *overrides(world)]
+
+
+def run_stage(stage: str, workdir: str, world) -> subprocess.CompletedProcess:
+  out = subprocess.run(_main_args(stage, workdir, world), cwd=ROOT, env=_env(8),
+                       capture_output=True, text=True, timeout=900)
+  assert out.returncode == 0, f"{stage}:\n{out.stdout[-2000:]}\n{out.stderr[-4000:]}"
+  return out
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    return s.getsockname()[1]
+
+
+def run_stage_two_processes(stage: str, workdir: str, world) -> None:
+  port = _free_port()
+  procs = [subprocess.Popen(
+      _main_args(stage, workdir, world) + [
+          "--coordinator", f"localhost:{port}", "--num-processes", "2", "--process-id", str(i)],
+      cwd=ROOT, env=_env(4), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+      for i in range(2)]
+  outputs = []
+  try:
+    for proc in procs:
+      outputs.append(proc.communicate(timeout=900))
+  finally:
+    for proc in procs:
+      proc.kill()
+  for proc, (out, err) in zip(procs, outputs):
+    assert proc.returncode == 0, f"{stage} process:\n{out[-2000:]}\n{err[-4000:]}"
+
+
+def losses(stage_dir: str) -> dict[int, float]:
+  """step -> the last logged training loss (a resumed run re-logs the steps it repeats)."""
+  return {int(h["step"]): h["loss"] for h in metrics_lib.read_metrics(stage_dir) if "loss" in h}
+
+
+def _done(workdir: str, stage: str) -> dict:
+  with open(os.path.join(workdir, stage, "DONE.json")) as f:
+    return json.load(f)
+
+
+@pytest.fixture(scope="module")
+def journey(world):
+  """Every stage, in order, one command each, into one workdir on 8 simulated devices."""
+  workdir = str(world["root"] / "runs" / "dreamlite_1024")
+  for stage in STAGES:
+    run_stage(stage, workdir, world)
+  return workdir
+
+
+def test_paper_journey_runs_every_stage_on_eight_devices(journey):
+  for stage in STAGES:
+    record = _done(journey, stage)
+    assert record["results"]["steps"] > 0, stage
+  for stage in PRETRAIN:
+    logged = losses(os.path.join(journey, stage))
+    assert sorted(logged) == [1, 2, 3, 4] and all(np.isfinite(list(logged.values()))), stage
+    grids = os.listdir(os.path.join(journey, stage, "samples"))
+    assert grids == ["step_00000004.png"], (stage, grids)
+  # Progressive resolution: pretrain_t2i compiled its step once per side.
+  compiles = [h["step"] for h in metrics_lib.read_metrics(os.path.join(journey, "pretrain_t2i"))
+              if "compile_seconds" in h]
+  assert compiles == [0, 2], compiles
+  rl = _done(journey, "rl")["results"]["rl"]
+  assert np.isfinite(rl["before"]) and np.isfinite(rl["after"])
+  assert os.path.isdir(os.path.join(journey, "distill", "student", "checkpoints"))
+  # Each stage started from its parent's checkpoint in the same job.
+  record = json.load(open(os.path.join(journey, "pretrain_edit", "DONE.json")))
+  assert record["upstream_run_ids"]["pretrain_t2i"] == _done(journey, "pretrain_t2i")["run_id"]
+
+
+def test_paper_journey_two_processes_match_one(journey, world):
+  """The same stages as 2 processes x 4 devices: the same global batches, the same losses."""
+  workdir = str(world["root"] / "runs" / "two_processes")
+  for stage in STAGES:
+    run_stage_two_processes(stage, workdir, world)
+  for stage in STAGES:
+    assert _done(workdir, stage)["results"]["steps"] > 0, stage
+  for stage in PRETRAIN:
+    one, two = losses(os.path.join(journey, stage)), losses(os.path.join(workdir, stage))
+    assert sorted(two) == sorted(one), stage
+    np.testing.assert_allclose([two[s] for s in sorted(two)], [one[s] for s in sorted(one)],
+                               rtol=1e-4, err_msg=stage)
+
+
+def test_paper_journey_stage_stopped_mid_run_resumes_to_the_same_losses(journey, world):
+  """SIGTERM (a preemption) mid-stage: the checkpoint is written, the re-run resumes it and
+  logs the same losses as the uninterrupted run."""
+  stage, steps = "pretrain_joint", 40
+  workdir = str(world["root"] / "runs" / "preempted")
+  for parent in ("pretrain_t2i", "pretrain_edit"):
+    shutil.copytree(os.path.join(journey, parent), os.path.join(workdir, parent))
+  longer = [f"--config.{stage}.train.steps={steps}", f"--config.{stage}.train.sample_every=0"]
+  reference = str(world["root"] / "runs" / "uninterrupted")
+  for parent in ("pretrain_t2i", "pretrain_edit"):
+    shutil.copytree(os.path.join(journey, parent), os.path.join(reference, parent))
+  out = subprocess.run(_main_args(stage, reference, world) + longer, cwd=ROOT, env=_env(8),
+                       capture_output=True, text=True, timeout=900)
+  assert out.returncode == 0, out.stderr[-3000:]
+
+  proc = subprocess.Popen(_main_args(stage, workdir, world) + longer, cwd=ROOT, env=_env(8),
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  stage_dir = os.path.join(workdir, stage)
+  deadline = time.time() + 600
+  while time.time() < deadline and proc.poll() is None:
+    if losses(stage_dir) if os.path.exists(os.path.join(stage_dir, "metrics.jsonl")) else {}:
+      proc.send_signal(signal.SIGTERM)
+      break
+    time.sleep(0.2)
+  _, err = proc.communicate(timeout=600)
+  assert not os.path.exists(os.path.join(stage_dir, "DONE.json")), "the stage was not stopped"
+  stopped_at = max(losses(stage_dir))
+  assert 0 < stopped_at < steps, err[-2000:]
+  out = subprocess.run(_main_args(stage, workdir, world) + longer, cwd=ROOT, env=_env(8),
+                       capture_output=True, text=True, timeout=900)
+  assert out.returncode == 0, out.stderr[-3000:]
+  resumed, uninterrupted = losses(stage_dir), losses(os.path.join(reference, stage))
+  assert sorted(resumed) == list(range(1, steps + 1))
+  np.testing.assert_allclose([resumed[s] for s in range(1, steps + 1)],
+                             [uninterrupted[s] for s in range(1, steps + 1)], rtol=1e-5)
