@@ -2,7 +2,8 @@
 
   python -m benchmarks.scale_check --config experiments/dreamlite_1024_pretrain_joint.py --devices 8
 
-Builds the stage's U-Net from `config.model.unet`, the mesh from `config.mesh`
+Builds the U-Net from `config.model.unet`, the mesh from `config.mesh` and the
+step from the section of the config's first stage (`--stage` picks another)
 (with the device count forced to `--devices` simulated CPU devices unless real
 accelerators are present), and lowers + compiles the real train step (the
 flow-matching pretraining loss, AdamW, EMA, NaN guard) on abstract inputs: no
@@ -23,10 +24,12 @@ def _parse() -> argparse.Namespace:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--config", required=True)
   parser.add_argument("--devices", type=int, default=8)
+  parser.add_argument("--stage", default="",
+                      help="the pretrain-kind stage whose step to check (default: the first listed)")
   parser.add_argument("--per-device-batch", type=int, default=1,
                       help="microbatch examples per device for the check (global = this x devices)")
   parser.add_argument("--resolution", type=int, default=0,
-                      help="target side in pixels (default: the last of config.data.resolutions)")
+                      help="target side in pixels (default: the last of the stage's data.resolutions)")
   parser.add_argument("--peak-tflops", type=float, default=0.0,
                       help="per-device peak bf16 TFLOP/s for MFU (0 = guess from device kind)")
   parser.add_argument("--steps", type=int, default=5, help="timed steps on real accelerators")
@@ -58,7 +61,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from dreamlite_jax.config import load_config  # noqa: E402
+from dreamlite_jax.config import apply_overrides, load_config_file  # noqa: E402
 from dreamlite_jax.models.unet import DreamLiteUNet, UNetConfig  # noqa: E402
 from dreamlite_jax.training import mesh as mesh_lib  # noqa: E402
 from dreamlite_jax.training import pretrain_loss  # noqa: E402
@@ -82,10 +85,10 @@ def _per_device_bytes(tree, shardings) -> float:
   return total
 
 
-def build(config, devices, per_device_batch: int, resolution: int):
+def build(config, section, devices, per_device_batch: int, resolution: int):
   """(jitted step, abstract state, shardings, abstract batch, abstract rng and lr, mesh, host batch)."""
   unet_config = UNetConfig.from_dict(config.model.unet.to_dict())
-  compute_dtype = state_lib.DTYPES[config.train.compute_dtype]
+  compute_dtype = state_lib.DTYPES[section.train.compute_dtype]
   model = DreamLiteUNet(unet_config)
   text_len = config.model.text_encoder.text_length
   text_dim = unet_config.encoder_hid_dim
@@ -96,10 +99,10 @@ def build(config, devices, per_device_batch: int, resolution: int):
                       jnp.zeros((1, text_len, text_dim)), jnp.ones((1, text_len)),
                       jnp.zeros((1, 2)))["params"]
 
-  loss_config = pretrain_loss.PretrainLossConfig(**config.loss.to_dict())
+  loss_config = pretrain_loss.PretrainLossConfig(**section.loss.to_dict())
   loss_fn = pretrain_loss.make_pretrain_loss(pretrain_loss.unet_predict_fn(model), loss_config)
   mesh = mesh_lib.make_mesh(config.mesh, devices)
-  tx = state_lib.make_optimizer(config.train)
+  tx = state_lib.make_optimizer(section.train)
   abstract_state, shardings = state_lib.state_shardings(init_params, tx, mesh)
   batch_size = per_device_batch * len(devices)
   batch = {
@@ -114,30 +117,34 @@ def build(config, devices, per_device_batch: int, resolution: int):
     batch["null_text_mask"] = np.zeros((batch_size, text_len), np.float32)
   step_fn = step_lib.make_train_step(loss_fn, tx, mesh, shardings, accum_steps=1,
                                      compute_dtype=compute_dtype,
-                                     ema_decay=config.train.ema_decay)
+                                     ema_decay=section.train.ema_decay)
   rng = jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=mesh_lib.replicated(mesh))
   lr = jax.ShapeDtypeStruct((), jnp.float32, sharding=mesh_lib.replicated(mesh))
   return step_fn, abstract_state, shardings, step_lib.abstract_batch(batch, mesh), rng, lr, mesh, batch
 
 
 def main(args: argparse.Namespace) -> None:
-  config = load_config(args.config, args.overrides)
+  config = apply_overrides(load_config_file(args.config), args.overrides)
+  stage = args.stage or config.stages.split(",")[0].strip()
+  section = config[stage]
+  if section.kind != "pretrain":
+    sys.exit(f"--stage {stage}: a {section.kind} stage; scale_check compiles pretrain-kind steps")
   devices = jax.devices()
   if len(devices) < args.devices:
     sys.exit(f"asked for --devices {args.devices} but jax sees {len(devices)} ({devices[0].platform})")
   devices = devices[:args.devices]
-  resolution = args.resolution or config.data.resolutions[-1][0]
+  resolution = args.resolution or section.data.resolutions[-1][0]
   step_fn, abstract_state, shardings, batch, rng, lr, mesh, host_batch = build(
-      config, devices, args.per_device_batch, resolution)
+      config, section, devices, args.per_device_batch, resolution)
   n_params = state_lib.param_count(abstract_state.params)
   fraction = mesh_lib.assert_params_sufficiently_sharded(
       abstract_state.params, shardings.params, mesh, config.mesh.max_replicated_fraction)
-  print(f"config: {args.config}")
+  print(f"config: {args.config} (stage {stage})")
   print(f"devices: {len(devices)} x {devices[0].device_kind}")
   print(f"mesh: {dict(mesh.shape)}")
   print(f"global_batch: {batch['latents'].shape[0]} at {resolution}x{resolution} "
         f"(canvas latent {batch['latents'].shape[1]}x{2 * batch['latents'].shape[2]})")
-  print(f"compute_dtype: {config.train.compute_dtype}")
+  print(f"compute_dtype: {section.train.compute_dtype}")
   print(f"unet_params: {n_params}")
   print(f"replicated_param_fraction: {fraction:.4f}")
   print(f"params_per_device_gib: {_gib(_per_device_bytes(abstract_state.params, shardings.params))}")

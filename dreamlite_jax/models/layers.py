@@ -24,6 +24,9 @@ Dtype = Any
 # Logical axis names used by parameters (mapped to mesh axes in training/mesh.py).
 EMBED, MLP, HEADS, KV, NORM = "embed", "mlp", "heads", "kv", "norm"
 CONV_SPATIAL = ("conv_height", "conv_width")
+
+# The dtypes a config may name (`dtype`, `param_dtype`, `train.compute_dtype`).
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 CONV_IN, CONV_OUT = "conv_in", "conv_out"
 
 

@@ -91,16 +91,12 @@ class UNetConfig:
     return config_lib.dataclass_from_dict(cls, d)
 
 
-def _dtype(name: str) -> Any:
-  return {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}[name]
-
-
 class DreamLiteUNet(nn.Module):
   """`(sample [B,H,2W,4], timestep [B], text [B,L,D], text_mask [B,L], time_ids [B,2]) -> [B,H,2W,4]`."""
   config: UNetConfig
 
   def _kw(self):
-    return dict(dtype=_dtype(self.config.dtype), param_dtype=_dtype(self.config.param_dtype))
+    return dict(dtype=layers.DTYPES[self.config.dtype], param_dtype=layers.DTYPES[self.config.param_dtype])
 
   def _embed_time(self, timestep, time_ids):
     c = self.config
@@ -160,7 +156,7 @@ class _Level(nn.Module):
   level: int
 
   def kw(self):
-    return dict(dtype=_dtype(self.config.dtype), param_dtype=_dtype(self.config.param_dtype))
+    return dict(dtype=layers.DTYPES[self.config.dtype], param_dtype=layers.DTYPES[self.config.param_dtype])
 
   def resblock(self, features, name):
     c = self.config
@@ -200,7 +196,7 @@ class MidBlock(nn.Module):
   @nn.compact
   def __call__(self, x, temb, context, bias):
     c = self.config
-    kw = dict(dtype=_dtype(c.dtype), param_dtype=_dtype(c.param_dtype))
+    kw = dict(dtype=layers.DTYPES[c.dtype], param_dtype=layers.DTYPES[c.param_dtype])
     features = c.block_out_channels[-1]
     res = lambda name: layers.ResBlock(features, c.separable_resblocks, c.norm_groups, c.norm_eps,
                                        name=name, **kw)

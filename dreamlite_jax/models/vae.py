@@ -89,8 +89,7 @@ class VAEConfig:
 
 
 def _dtypes(config: VAEConfig):
-  d = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
-  return dict(dtype=d[config.dtype], param_dtype=d[config.param_dtype])
+  return dict(dtype=layers.DTYPES[config.dtype], param_dtype=layers.DTYPES[config.param_dtype])
 
 
 class TinyBlock(nn.Module):

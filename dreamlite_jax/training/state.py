@@ -18,9 +18,8 @@ import optax
 from flax import struct
 from jax.sharding import Mesh
 
+from dreamlite_jax.models.layers import DTYPES  # noqa: F401  (the trainer's compute dtypes)
 from dreamlite_jax.training import mesh as mesh_lib
-
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
 @struct.dataclass
