@@ -1,16 +1,24 @@
 """Precomputed VAE latents and text embeddings in ArrayRecord shards.
 
 Pretraining at scale should not run the 2B text encoder (or the VAE encoder)
-every step. `write_cache` walks a source once in order, converts each record to
-the training format (centre crop), calls an injected `encode_fn(batch)` (e.g.
-VAE latents of target and condition, text-encoder states and mask) and stores
-one record per example. `CachedSource` reads them back as a random-access
-source for `loader.make_loader(..., convert=loader.passthrough)`, so caches get
-the same shuffling, host sharding, mixing and exact resume as raw data.
+every step. A cache directory holds ArrayRecord shards of one record per example
+and `cache_info.json`; `CachedSource` reads them back as a random-access source
+for `loader.make_loader(..., convert=loader.passthrough)`, so caches get the same
+shuffling, host sharding, mixing and exact resume as raw data.
+
+Two writers:
+  * `python -m data_pipelines.build_cache` (the real one): a folder or TFDS
+    dataset, encoded with a VAE and Qwen3-VL from local weight folders, sharded
+    across hosts and resumable. It writes a cache *root* with one cache per image
+    side, `<root>/<side>/`, and its progress under `<root>/build_state/`.
+  * `write_cache(source, encode_fn, out_dir)`: one process, one size, an injected
+    `encode_fn(batch)`; for tests and small experiments.
 
 Records are msgpack dicts of numpy arrays (flax.serialization): dtype and
-shape round-trip exactly. `cache_info.json` is written last, so a cache whose
-writer died is refused instead of read half-empty.
+shape round-trip exactly. Shards are written to a temporary name and renamed
+when complete, and `cache_info.json` is written last, so a cache whose writer
+died (or whose other hosts have not finished) is refused instead of read
+half-empty.
 """
 from __future__ import annotations
 
@@ -29,11 +37,59 @@ from data_pipelines import loader
 from data_pipelines import training_example
 
 INFO_FILE = "cache_info.json"
+# `build_cache`'s progress, next to the per-side caches of a cache root.
+BUILD_DIR = "build_state"
 EncodeFn = Callable[[dict[str, np.ndarray]], Mapping[str, Any]]
 
 
 def _shard_name(i: int, n: int) -> str:
   return f"cache.array_record-{i:05d}-of-{n:05d}"
+
+
+def done_marker(root: str | os.PathLike, index: int, count: int) -> Path:
+  """The file `build_cache` process `index` of `count` writes when its shards are complete."""
+  return Path(root) / BUILD_DIR / f"process-{index:05d}-of-{count:05d}.done.json"
+
+
+def record_features(record: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+  """`{key: {"dtype", "shape"}}` of one record (`{"dtype": "str"}` for strings)."""
+  return {k: ({"dtype": "str"} if isinstance(v, str) else
+              {"dtype": str(np.asarray(v).dtype), "shape": list(np.shape(v))})
+          for k, v in record.items()}
+
+
+def write_json_atomic(path: str | os.PathLike, value: Any) -> None:
+  """Writes JSON to a temporary name, then renames: readers see all of it or nothing."""
+  path = Path(path)
+  tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+  tmp.write_text(json.dumps(value, indent=2))
+  os.replace(tmp, path)
+
+
+class ShardWriter:
+  """Writes one ArrayRecord shard under a temporary name; `commit()` renames it into place.
+
+  A writer that dies leaves only `<name>.tmp-<pid>`, never a short shard under the
+  final name; `abort()` removes the temporary file.
+  """
+
+  def __init__(self, path: str | os.PathLike):
+    self.path = Path(path)
+    self.tmp = self.path.with_name(f"{self.path.name}.tmp-{os.getpid()}")
+    self.count = 0
+    self._writer = array_record_module.ArrayRecordWriter(str(self.tmp), "group_size:1")
+
+  def write(self, record: Mapping[str, Any]) -> None:
+    self._writer.write(serialization.msgpack_serialize(dict(record)))
+    self.count += 1
+
+  def commit(self) -> None:
+    self._writer.close()
+    os.replace(self.tmp, self.path)
+
+  def abort(self) -> None:
+    self._writer.close()
+    self.tmp.unlink(missing_ok=True)
 
 
 def _records(batch: Mapping[str, np.ndarray], encoded: Mapping[str, Any],
@@ -88,8 +144,7 @@ def write_cache(source: loader.Source, encode_fn: EncodeFn, out_dir: str | os.Pa
         shard = i // examples_per_shard
         writer = array_record_module.ArrayRecordWriter(str(out / shards[shard]), "group_size:1")
       if not features:
-        features = {k: ({"dtype": "str"} if isinstance(v, str) else
-                        {"dtype": str(v.dtype), "shape": list(v.shape)}) for k, v in record.items()}
+        features = record_features(record)
       writer.write(serialization.msgpack_serialize(record))
   writer.close()
   info = {"num_examples": n, "shards": shards, "features": features, "size": list(size)}
@@ -97,19 +152,44 @@ def write_cache(source: loader.Source, encode_fn: EncodeFn, out_dir: str | os.Pa
   return info
 
 
+def _missing_info_message(cache_dir: Path) -> str:
+  """Why `cache_dir` has no `cache_info.json`, as specifically as the directory tells."""
+  head = f"{cache_dir} has no {INFO_FILE}"
+  if not cache_dir.is_dir():
+    return f"{head}: no such directory"
+  sides = sorted(int(p.name) for p in cache_dir.iterdir()
+                 if p.name.isdigit() and (p / INFO_FILE).is_file())
+  if sides:
+    return (f"{head}: it is a cache root; open one side's cache, e.g. {cache_dir / str(sides[0])} "
+            f"(sides: {sides})")
+  state = cache_dir.parent / BUILD_DIR
+  args_file = state / "args.json"
+  if args_file.is_file():
+    count = int(json.loads(args_file.read_text()).get("process_count", 1))
+    waiting = [i for i in range(count) if not done_marker(cache_dir.parent, i, count).is_file()]
+    who = (f"processes {waiting} of {count} have not finished" if waiting else
+           f"all {count} processes finished but none wrote the cache info")
+    return (f"{head}: its build (python -m data_pipelines.build_cache --out {cache_dir.parent}) is "
+            f"incomplete: {who}; re-run them with the same arguments")
+  return f"{head}: not a cache, or its writer did not finish"
+
+
 class CachedSource:
-  """Random access to a cache written by `write_cache`.
+  """Random access to a cache written by `build_cache` (one side of a root) or `write_cache`.
 
   `__getitem__` returns the stored record: numpy arrays with the dtypes and
   shapes in `info["features"]`, strings as str.
+
+  Raises (at construction) FileNotFoundError when the cache is incomplete: no
+  `cache_info.json` (saying which build processes have not finished), or shard
+  files missing.
   """
 
   def __init__(self, cache_dir: str | os.PathLike):
     self.cache_dir = Path(cache_dir)
     info_path = self.cache_dir / INFO_FILE
     if not info_path.is_file():
-      raise FileNotFoundError(f"{self.cache_dir} has no {INFO_FILE}: not a cache, or its writer "
-                              "did not finish")
+      raise FileNotFoundError(_missing_info_message(self.cache_dir))
     self.info = json.loads(info_path.read_text())
     paths = [self.cache_dir / s for s in self.info["shards"]]
     missing = [str(p) for p in paths if not p.is_file()]

@@ -1,11 +1,16 @@
 """Reading and validating user manifests (jsonl) for folder datasets, without TFDS.
 
-Real folders are messy: lines that are not JSON, files that are gone or truncated,
-paths like `../../etc/passwd`, blank captions, thumbnails. Every bad item is
-skipped here, before any epoch starts, and counted by reason in a `SkipReport`
-(with a few example locations per reason), so a training run never crashes
-mid-epoch and never drops data silently. The TFDS builders and tests call these
-plain functions.
+Real folders are messy: lines that are not JSON or not UTF-8, files that are gone
+or truncated, paths like `../../etc/passwd`, blank captions, thumbnails. Every bad
+item is skipped here, before any epoch starts, and counted by reason in a
+`SkipReport` (with a few example locations per reason), so a training run never
+crashes mid-epoch and never drops data silently.
+
+Manifests are read as bytes, one line at a time (`iter_lines`, which also splits
+the lines between hosts and skips to a resume position); `decode_line` checks one
+line and `t2i_item` / `edit_item` one record, so the TFDS builders
+(`iter_t2i_items` / `iter_edit_items`) and the cache build
+(`python -m data_pipelines.build_cache`) apply the same rules.
 """
 from __future__ import annotations
 
@@ -24,6 +29,7 @@ from data_pipelines import images
 
 SKIP_REASONS = (
     "bad_json_line",       # not a JSON object, or a required field missing / not a string
+    "invalid_utf8",        # the line (or a text field) is not valid UTF-8
     "path_escapes_root",   # absolute path or `..` leading outside the dataset root
     "missing_file",        # the path does not exist (or is not a file)
     "undecodable_image",   # the file is not a readable image
@@ -48,6 +54,14 @@ class SkipReport:
     shown = self.examples.setdefault(reason, [])
     if len(shown) < _MAX_EXAMPLES_PER_REASON:
       shown.append(f"{where}: {detail}" if detail else where)
+
+  def merge(self, other: "SkipReport") -> None:
+    """Adds `other`'s counts and examples (up to the per-reason limit) to this report."""
+    self.kept += other.kept
+    for reason, n in other.skipped.items():
+      self.skipped[reason] += n
+      shown = self.examples.setdefault(reason, [])
+      shown.extend(other.examples.get(reason, [])[:_MAX_EXAMPLES_PER_REASON - len(shown)])
 
   @property
   def total_skipped(self) -> int:
@@ -92,28 +106,79 @@ class EditItem:
   target: np.ndarray
 
 
+def decode_line(line: bytes, where: str, fields: Sequence[str],
+                report: SkipReport) -> dict | None:
+  """One manifest line (bytes) -> its JSON object with string `fields`, or None (counted).
+
+  A line that is not valid UTF-8, or whose text fields hold lone surrogates (JSON
+  `\\udXXX` escapes, which no tokenizer can encode), is `invalid_utf8`: keeping it
+  with replacement characters would train on a caption nobody wrote.
+  """
+  try:
+    text = line.decode("utf-8")
+  except UnicodeDecodeError as e:
+    report.skip("invalid_utf8", where, f"byte {e.start}: {e.reason}")
+    return None
+  try:
+    record = json.loads(text.lstrip("\ufeff"))
+  except json.JSONDecodeError as e:
+    report.skip("bad_json_line", where, f"invalid JSON ({e.msg})")
+    return None
+  if not isinstance(record, dict):
+    report.skip("bad_json_line", where, "not a JSON object")
+    return None
+  bad = [k for k in fields if not isinstance(record.get(k), str)]
+  if bad:
+    report.skip("bad_json_line", where, f"field(s) {bad} missing or not a string")
+    return None
+  for k in fields:
+    try:
+      record[k].encode("utf-8")
+    except UnicodeEncodeError as e:
+      report.skip("invalid_utf8", where, f"field {k!r}: {e.reason}")
+      return None
+  return record
+
+
+def iter_lines(path: Path, index: int = 0, count: int = 1,
+               start: int = 0) -> Iterator[tuple[int, str, bytes]]:
+  """Yields `(position, location, line)` for this host's share of the non-blank lines.
+
+  Non-blank line k of the file goes to host `k % count`; `position` numbers the lines
+  of host `index` (0, 1, ...) and those before `start` are passed over unparsed (a
+  resumed build continues where it stopped).
+  """
+  position = 0
+  k = 0
+  with open(path, "rb") as f:
+    for line_no, line in enumerate(f, start=1):
+      if not line.strip():
+        continue
+      mine = k % count == index
+      k += 1
+      if not mine:
+        continue
+      if position >= start:
+        yield position, f"{path.name}:{line_no}", line
+      position += 1
+
+
+def count_lines(path: Path, index: int = 0, count: int = 1) -> int:
+  """How many non-blank lines `iter_lines(path, index, count)` yields from position 0."""
+  with open(path, "rb") as f:
+    n = sum(1 for line in f if line.strip())
+  return n // count + (1 if index < n % count else 0)
+
+
 def read_jsonl(path: Path, fields: Sequence[str], report: SkipReport) -> Iterator[tuple[str, dict]]:
   """Yields `(location, record)` for lines that are JSON objects with string `fields`.
 
-  Blank lines are ignored; anything else that fails is counted as `bad_json_line`.
+  Blank lines are ignored; anything else that fails is counted as `bad_json_line`
+  (or `invalid_utf8`, see `decode_line`).
   """
-  with open(path, encoding="utf-8", errors="replace") as f:
-    for line_no, line in enumerate(f, start=1):
-      where = f"{path.name}:{line_no}"
-      if not line.strip():
-        continue
-      try:
-        record = json.loads(line)
-      except json.JSONDecodeError as e:
-        report.skip("bad_json_line", where, f"invalid JSON ({e.msg})")
-        continue
-      if not isinstance(record, dict):
-        report.skip("bad_json_line", where, "not a JSON object")
-        continue
-      bad = [k for k in fields if not isinstance(record.get(k), str)]
-      if bad:
-        report.skip("bad_json_line", where, f"field(s) {bad} missing or not a string")
-        continue
+  for _, where, line in iter_lines(path):
+    record = decode_line(line, where, fields, report)
+    if record is not None:
       yield where, record
 
 
@@ -150,6 +215,50 @@ def load_image(root: Path, relative: str, where: str, min_side: int,
   return image
 
 
+def t2i_item(root: Path, where: str, record: dict, min_side: int,
+             report: SkipReport) -> T2IItem | None:
+  """A validated item from one manifest record `{"file", "caption"}`, or None (counted)."""
+  caption = record["caption"].strip()
+  if not caption:
+    report.skip("empty_caption", where, repr(record["file"]))
+    return None
+  image = load_image(root, record["file"], where, min_side, report)
+  if image is None:
+    return None
+  return T2IItem(file=record["file"], caption=caption, image=image)
+
+
+def edit_item(root: Path, where: str, record: dict, min_side: int, report: SkipReport,
+              max_aspect_mismatch: float = 0.05) -> EditItem | None:
+  """A validated triplet from one record `{"source", "target", "instruction"}`, or None (counted).
+
+  A pair whose aspect ratios differ by more than `max_aspect_mismatch`
+  (relative) is skipped as `mismatched_pair`: it could not be aligned.
+  """
+  instruction = record["instruction"].strip()
+  if not instruction:
+    report.skip("empty_caption", where, f"blank instruction for {record['target']!r}")
+    return None
+  source = load_image(root, record["source"], where, min_side, report)
+  if source is None:
+    return None
+  target = load_image(root, record["target"], where, min_side, report)
+  if target is None:
+    return None
+  ar_s = source.shape[1] / source.shape[0]
+  ar_t = target.shape[1] / target.shape[0]
+  if abs(ar_s / ar_t - 1.0) > max_aspect_mismatch:
+    report.skip("mismatched_pair", where,
+                f"source {source.shape[1]}x{source.shape[0]} vs target {target.shape[1]}x{target.shape[0]}")
+    return None
+  return EditItem(source_file=record["source"], target_file=record["target"],
+                  instruction=instruction, source=source, target=target)
+
+
+T2I_FIELDS = ("file", "caption")
+EDIT_FIELDS = ("source", "target", "instruction")
+
+
 def iter_t2i_items(root: str | os.PathLike, manifest: str = "captions.jsonl",
                    min_side: int = 64,
                    report: SkipReport | None = None) -> Iterator[T2IItem]:
@@ -162,16 +271,11 @@ def iter_t2i_items(root: str | os.PathLike, manifest: str = "captions.jsonl",
   manifest_path = root / manifest
   if not manifest_path.is_file():
     raise FileNotFoundError(f"t2i folder {root}: manifest {manifest!r} not found")
-  for where, rec in read_jsonl(manifest_path, ("file", "caption"), report):
-    caption = rec["caption"].strip()
-    if not caption:
-      report.skip("empty_caption", where, repr(rec["file"]))
-      continue
-    image = load_image(root, rec["file"], where, min_side, report)
-    if image is None:
-      continue
-    report.kept += 1
-    yield T2IItem(file=rec["file"], caption=caption, image=image)
+  for where, rec in read_jsonl(manifest_path, T2I_FIELDS, report):
+    item = t2i_item(root, where, rec, min_side, report)
+    if item is not None:
+      report.kept += 1
+      yield item
 
 
 def iter_edit_items(root: str | os.PathLike, manifest: str = "edits.jsonl",
@@ -179,34 +283,18 @@ def iter_edit_items(root: str | os.PathLike, manifest: str = "edits.jsonl",
                     report: SkipReport | None = None) -> Iterator[EditItem]:
   """Valid items of `root/manifest`, lines `{"source": ..., "target": ..., "instruction": ...}`.
 
-  A pair whose aspect ratios differ by more than `max_aspect_mismatch`
-  (relative) is skipped as `mismatched_pair`: it could not be aligned.
+  Pairs are checked by `edit_item` (aspect ratios within `max_aspect_mismatch`).
   """
   root = Path(root)
   report = SkipReport() if report is None else report
   manifest_path = root / manifest
   if not manifest_path.is_file():
     raise FileNotFoundError(f"edit folder {root}: manifest {manifest!r} not found")
-  for where, rec in read_jsonl(manifest_path, ("source", "target", "instruction"), report):
-    instruction = rec["instruction"].strip()
-    if not instruction:
-      report.skip("empty_caption", where, f"blank instruction for {rec['target']!r}")
-      continue
-    source = load_image(root, rec["source"], where, min_side, report)
-    if source is None:
-      continue
-    target = load_image(root, rec["target"], where, min_side, report)
-    if target is None:
-      continue
-    ar_s = source.shape[1] / source.shape[0]
-    ar_t = target.shape[1] / target.shape[0]
-    if abs(ar_s / ar_t - 1.0) > max_aspect_mismatch:
-      report.skip("mismatched_pair", where,
-                  f"source {source.shape[1]}x{source.shape[0]} vs target {target.shape[1]}x{target.shape[0]}")
-      continue
-    report.kept += 1
-    yield EditItem(source_file=rec["source"], target_file=rec["target"],
-                   instruction=instruction, source=source, target=target)
+  for where, rec in read_jsonl(manifest_path, EDIT_FIELDS, report):
+    item = edit_item(root, where, rec, min_side, report, max_aspect_mismatch)
+    if item is not None:
+      report.kept += 1
+      yield item
 
 
 def log_report(name: str, report: SkipReport) -> None:

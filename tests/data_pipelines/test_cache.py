@@ -79,3 +79,31 @@ def test_incomplete_or_bad_caches_are_refused(edit_source, tmp_path):
   (tmp_path / "ok" / info["shards"][1]).unlink()
   with pytest.raises(FileNotFoundError, match="shard files missing"):
     cache.CachedSource(tmp_path / "ok")
+
+
+def test_shard_writer_renames_only_a_complete_shard(tmp_path):
+  record = {"latents": np.ones((2, 2, 4), np.float16), "is_edit": np.asarray(np.float32(1)),
+            "prompt": "p"}
+  assert cache.record_features(record) == {"latents": {"dtype": "float16", "shape": [2, 2, 4]},
+                                           "is_edit": {"dtype": "float32", "shape": []},
+                                           "prompt": {"dtype": "str"}}
+  writer = cache.ShardWriter(tmp_path / "a.array_record")
+  writer.write(record)
+  assert [p.name for p in tmp_path.iterdir()] == [writer.tmp.name]   # not under the final name yet
+  writer.commit()
+  assert [p.name for p in tmp_path.iterdir()] == ["a.array_record"]
+  aborted = cache.ShardWriter(tmp_path / "b.array_record")
+  aborted.write(record)
+  aborted.abort()
+  assert [p.name for p in tmp_path.iterdir()] == ["a.array_record"]
+
+
+def test_unfinished_build_is_refused_naming_the_missing_processes(tmp_path):
+  (tmp_path / "64").mkdir()
+  (tmp_path / cache.BUILD_DIR).mkdir()
+  (tmp_path / cache.BUILD_DIR / "args.json").write_text(json.dumps({"process_count": 3}))
+  cache.done_marker(tmp_path, 1, 3).write_text("{}")
+  with pytest.raises(FileNotFoundError, match=r"incomplete: processes \[0, 2\] of 3 have not finished"):
+    cache.CachedSource(tmp_path / "64")
+  with pytest.raises(FileNotFoundError, match="no such directory"):
+    cache.CachedSource(tmp_path / "128")
