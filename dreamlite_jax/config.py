@@ -1,9 +1,13 @@
-"""Experiment configs: load an `experiments/*.py` file, apply overrides, validate.
+"""Experiment configs: load an `experiments/*.py` file and apply overrides.
 
 A config file defines `get_config()` returning an `ml_collections.ConfigDict`.
 Overrides look like `--config.train.batch_size=8`; every overridden key must
 already exist in the config (no silent typos), and values are parsed with the
 type of the existing field.
+
+Loading is pure: nothing here checks what the values mean. `config_schema`
+validates (it imports this module, never the reverse): `stages.load_job_config`
+checks a whole job before its first stage, `trainer.train` its stage config.
 """
 from __future__ import annotations
 
@@ -84,23 +88,26 @@ def apply_overrides(config: ml_collections.ConfigDict,
   return config
 
 
-def require(config: ml_collections.ConfigDict, field: str, check, what: str):
-  """Raises ConfigError naming `field` unless `check(value)` holds."""
+def require(config: ml_collections.ConfigDict, field: str, check, what: str,
+            prefix: str = "config"):
+  """Raises ConfigError naming `<prefix>.<field>` unless `check(value)` holds.
+
+  `prefix` is where `config` sits in the job config (e.g. `config.pretrain_t2i` for
+  a stage's section), so the message names the field as the user overrides it.
+  """
   node = config
   for part in field.split("."):
-    if part not in node:
-      raise ConfigError(f"config.{field} is missing")
+    if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+      raise ConfigError(f"{prefix}.{field} is missing")
     node = node[part]
   if not check(node):
-    raise ConfigError(f"config.{field} = {node!r}: {what}")
+    raise ConfigError(f"{prefix}.{field} = {node!r}: {what}")
 
 
 def load_config(path: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
-  """Loads a config file, applies overrides and runs its `validate` if any."""
+  """Loads a config file and applies overrides (no validation: see the module docstring)."""
   config = load_config_file(path)
   apply_overrides(config, overrides)
-  from dreamlite_jax import config_schema  # local: keeps config loading pure
-  config_schema.validate(config)
   return config
 
 

@@ -1,7 +1,9 @@
 """The job's report: `report.md` for people, `scores.json` for machines, PNGs for both.
 
-Rebuilt from the workdir alone (every finished stage's `DONE.json` and
-`metrics.jsonl`), so it is the same whether the job ran in one go or resumed.
+Rebuilt from the workdir alone (every finished stage's `DONE.json` record, as the
+job runner reads them, and `metrics.jsonl`), so it is the same whether the job ran
+in one go or resumed. The job runner calls it on process 0 only; the workdir may be
+a URL (files are written through `etils.epath`).
 
 `scores.json` (floats in [0, 1] unless noted; null where the stage did not run):
   t2i.{overall, heldout_overall, <category>..., heldout_<category>...}
@@ -13,27 +15,19 @@ The t2i/edit numbers are the `eval` stage's (else the last stage that scored).
 """
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
 from typing import Any, Callable
 
 import ml_collections
+from etils import epath
 
-from dreamlite_jax import stages as stages_lib
+from data_pipelines import shapes
 from dreamlite_jax.training import metrics as metrics_lib
 
 LOSS_PNG = "loss_curves.png"
-
-
-def _finished(config: ml_collections.ConfigDict, workdir: str) -> dict[str, dict]:
-  names = [n.strip() for n in config.stages.split(",") if n.strip()]
-  out = {}
-  for name in names:
-    record = stages_lib.read_done(workdir, name)
-    if record is not None:
-      out[name] = record
-  return out
 
 
 def _final_scores(records: dict[str, dict]) -> dict | None:
@@ -101,8 +95,10 @@ def plot_losses(workdir: str, names: list[str], path: str) -> str | None:
       ax.set_yscale("log")
   axes[0][0].set_ylabel("loss", fontsize=8)
   fig.tight_layout()
-  fig.savefig(path, dpi=110)
+  png = io.BytesIO()
+  fig.savefig(png, format="png", dpi=110)
   plt.close(fig)
+  epath.Path(path).write_bytes(png.getvalue())
   return path
 
 
@@ -110,7 +106,6 @@ def _score_table(records: dict[str, dict]) -> list[str]:
   rows = [(n, r["results"]["scores"]) for n, r in records.items() if r["results"].get("scores")]
   if not rows:
     return ["No stage has shapes scores yet."]
-  from data_pipelines import shapes
   lines = []
   for task, first, keys in (("t2i", ("overall", "heldout_overall"), shapes.T2I_CATEGORIES),
                             ("edit", ("accuracy", "heldout_accuracy"), shapes.EDIT_TYPES)):
@@ -174,16 +169,17 @@ def render_markdown(config: ml_collections.ConfigDict, workdir: str, records: di
   return "\n".join(lines)
 
 
-def write_report(config: ml_collections.ConfigDict, workdir: str,
+def write_report(config: ml_collections.ConfigDict, workdir: str, records: dict[str, dict],
                  log: Callable[[str], None] = print) -> dict:
-  """Writes `report.md`, `scores.json` and `loss_curves.png` into `workdir`; returns the scores."""
-  workdir = os.path.abspath(workdir)
-  records = _finished(config, workdir)
+  """Writes `report.md`, `scores.json` and `loss_curves.png` into `workdir`; returns the scores.
+
+  `records`: {stage: DONE record} of the finished stages of `config.stages`, in order
+  (`stages.finished_records`).
+  """
   scores = build_scores(records)
   loss_png = plot_losses(workdir, list(records), os.path.join(workdir, LOSS_PNG))
-  with open(os.path.join(workdir, "scores.json"), "w") as f:
-    json.dump(scores, f, indent=2, sort_keys=True)
-  with open(os.path.join(workdir, "report.md"), "w") as f:
-    f.write(render_markdown(config, workdir, records, scores, loss_png))
+  epath.Path(workdir, "scores.json").write_text(json.dumps(scores, indent=2, sort_keys=True))
+  epath.Path(workdir, "report.md").write_text(
+      render_markdown(config, workdir, records, scores, loss_png))
   log(f"[job] report: {os.path.join(workdir, 'report.md')}")
   return scores

@@ -1,12 +1,17 @@
 """The job runner: the stages a config lists, in order, each from its parent's checkpoint.
 
 A *job* is one workdir with one sub-directory per stage (`<workdir>/<stage>/`).
-`run_job(config, workdir)` walks `config.stages` (a comma-separated string, or
-the `--stages a,b` selection), skips every stage whose `DONE.json` exists (a
-finished stage), runs the others through the registry below, writes their
-`DONE.json` last, and finally renders `report.md` + `scores.json`. Re-running
-a job resumes it: finished stages are skipped, an interrupted one resumes from
-its own orbax checkpoints (the trainer's resume order).
+`config.stages` lists stage names (comma-separated; `--stages a,b` selects some);
+each name has its config section `config.<name>`, whose `kind` picks the runner
+(`STAGE_RUNNERS`, keyed by kind), so a config may list any number of stages of a
+kind. `load_job_config` loads and validates the whole job before anything runs
+(`validate_job_config`: every listed section by its kind, data source, caches,
+weight folders, mesh vs devices, batches vs data shards; each error names the
+field's full path). `run_job(config, workdir)` skips every stage whose `DONE.json`
+exists (a finished stage), runs the others, writes their `DONE.json` last, and
+finally renders `report.md` + `scores.json`. Re-running a job resumes it: finished
+stages are skipped, an interrupted one resumes from its own orbax checkpoints (the
+trainer's resume order).
 
 A finished stage is reused only if it still belongs to this run: its `DONE.json`
 records the config it ran with (`stage_inputs`: its own section, `model`, `data`,
@@ -16,6 +21,14 @@ about to be), makes the job stop before running anything and name the stage
 directories to delete; it never mixes checkpoints of two configs silently. The same
 holds for an interrupted stage: its `STARTED.json`, written before it runs, records
 the same two things, and its checkpoints are resumed only if they still match.
+
+Several processes (a pod: `python -m dreamlite_jax.main --distributed`) run the same
+job on one shared workdir. Every process runs every stage; the job's own files
+(`STARTED.json`, `DONE.json`, `config.json`, `report.md`, `scores.json`) are written
+by process 0 only (`is_job_writer`), and the others wait for it (`sync`) after the
+workdir's records are read, after each `STARTED.json` and `DONE.json`, and after the
+report. The workdir may be a URL (`gs://bucket/run`): it is kept as given, and the
+job's files go through `etils.epath`.
 
 ## The stage-runner contract (RL, distillation and every other stage follow it)
 
@@ -49,24 +62,35 @@ report reads when present: `steps` (int), `final_loss` (float), `checkpoint`
 (`{"gpu_check_findings", "max_abs_err_fp32", "files": [...]}`), `sample_grids` (PNG
 paths relative to the stage dir). The runner writes only under `ctx.workdir` and must resume when
 re-run after an interruption (the shared trainer does this); when the trainer
-returns `preempted=True` the runner calls `raise_if_preempted(result, ctx.name)`
-so the stage is not marked finished.
+returns `preempted=True` the runner calls `dreamlite_jax.preemption.raise_if_preempted(
+result, ctx.name)` so the stage is not marked finished. Runners write files that
+every process computes (metrics, sample grids) from process 0 only, as the trainer does.
 
-Register a runner by adding it to `STAGE_RUNNERS` below (names fail loudly).
+Register a runner by adding its kind to `STAGE_RUNNERS` below (unknown kinds fail loudly).
 """
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import os
 import time
 import uuid
 from typing import Any, Callable
 
+import jax
 import ml_collections
+from etils import epath
+from flax import traverse_util
+from jax.experimental import multihost_utils
 
+from dreamlite_jax import config as config_lib
+from dreamlite_jax import config_schema
+from dreamlite_jax import report
+from dreamlite_jax import shared_models
 from dreamlite_jax.config import ConfigError
+# Re-exported: runners that import them from here keep working.
+from dreamlite_jax.preemption import StagePreempted, raise_if_preempted  # noqa: F401
+from experiments import train_defaults
 
 DONE_FILE = "DONE.json"
 STARTED_FILE = "STARTED.json"
@@ -88,13 +112,12 @@ class StageContext:
     return self.config[self.name]
 
   def eval_sets(self) -> dict:
-    from dreamlite_jax.eval import shapes_stage
+    from dreamlite_jax.eval import shapes_stage  # a runner module: lazy like the registry
     return shapes_stage.eval_sets(self.config)
 
   def stage_config(self, section: ml_collections.ConfigDict | None = None
                    ) -> ml_collections.ConfigDict:
     """A trainer-ready config: seed, mesh, model, the section's fields, init_from = parent."""
-    from experiments import train_defaults
     section = self.section if section is None else section
     config = ml_collections.ConfigDict()
     config.stage = self.name
@@ -110,17 +133,6 @@ class StageContext:
 
 
 Runner = Callable[[StageContext], dict]
-
-
-class StagePreempted(RuntimeError):
-  """A runner stopped early on SIGTERM/SIGINT (checkpoint written): no DONE.json, re-run resumes."""
-
-
-def raise_if_preempted(result, stage: str) -> None:
-  """Call after `trainer.train`: a preempted stage must not be marked finished."""
-  if result.preempted:
-    raise StagePreempted(f"stage {stage!r} stopped at step {result.final_step} on a signal; "
-                         f"its checkpoint is saved and re-running the job resumes it")
 
 
 def _vae(ctx):
@@ -153,14 +165,11 @@ def _convert(ctx):
   return convert_stage.run_stage(ctx)
 
 
-# The one table of stage names. Imports are lazy so a job that runs one stage
-# does not import every other stage's dependencies.
+# The one table of stage kinds (`config.<stage>.kind`). Imports are lazy so a job that
+# runs one stage does not import every other stage's dependencies.
 STAGE_RUNNERS: dict[str, Runner] = {
     "vae": _vae,
-    "pretrain_t2i": _pretrain,
-    "pretrain_edit": _pretrain,
-    "pretrain_joint": _pretrain,
-    "sft": _pretrain,
+    "pretrain": _pretrain,
     "rl": _rl,
     "distill": _distill,
     "eval": _eval,
@@ -168,17 +177,63 @@ STAGE_RUNNERS: dict[str, Runner] = {
 }
 
 
-def parse_stages(text: str) -> list[str]:
-  """'a,b' -> ['a', 'b']; unknown names raise ConfigError listing the known ones."""
-  names = [s.strip() for s in text.split(",") if s.strip()]
+def _split(text: str) -> list[str]:
+  return [s.strip() for s in text.split(",") if s.strip()]
+
+
+def parse_stages(config: ml_collections.ConfigDict, selection: str | None = None) -> list[str]:
+  """The stages to run: `selection` ('a,b') or `config.stages`, in order.
+
+  Every name needs a section `config.<name>` whose `kind` is a key of `STAGE_RUNNERS`;
+  otherwise ConfigError names the stage and the known kinds.
+  """
+  text = config.stages if selection is None else selection
+  where = "config.stages" if selection is None else "--stages"
+  names = _split(text)
   if not names:
-    raise ConfigError(f"stage list {text!r} is empty")
-  unknown = [n for n in names if n not in STAGE_RUNNERS]
-  if unknown:
-    raise ConfigError(f"unknown stage(s) {unknown}; known stages: {sorted(STAGE_RUNNERS)}")
+    raise ConfigError(f"{where} = {text!r}: names no stage")
   if len(set(names)) != len(names):
-    raise ConfigError(f"stage list {text!r} names a stage twice")
+    raise ConfigError(f"{where} = {text!r}: names a stage twice")
+  kinds = sorted(STAGE_RUNNERS)
+  for name in names:
+    section = config.get(name)
+    if not isinstance(section, ml_collections.ConfigDict):
+      raise ConfigError(f"unknown stage {name!r} in {where}: the config has no section "
+                        f"config.{name} (stages of this config: "
+                        f"{config_schema.stage_names(config)}; known kinds: {kinds})")
+    if "kind" not in section:
+      raise ConfigError(f"config.{name}.kind is missing: stage {name!r} needs one of the "
+                        f"known kinds {kinds}")
+    if section.kind not in STAGE_RUNNERS:
+      raise ConfigError(f"config.{name}.kind = {section.kind!r}: stage {name!r} has an unknown "
+                        f"kind; known kinds: {kinds}")
   return names
+
+
+def validate_job_config(config: ml_collections.ConfigDict, names: list[str]) -> None:
+  """Everything running `names` needs, checked before the first stage starts: the
+  fields of the job and of each stage's section by its kind
+  (`config_schema.validate_job`), then the caches, weight folders, mesh and batch
+  sizes against this machine (`config_schema.check_job_environment`)."""
+  config_schema.validate_job(config, names)
+  config_schema.check_job_environment(config, names, device_count=jax.device_count(),
+                                      process_count=jax.process_count())
+
+
+def is_job_writer() -> bool:
+  """Whether this process writes the job's own files (process 0 of a multi-process job)."""
+  return jax.process_index() == 0
+
+
+def sync(tag: str) -> None:
+  """Waits until every process of a multi-process job reaches `tag` (no-op on one)."""
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(tag)
+
+
+def absolute(path: str) -> str:
+  """A local path made absolute; a URL (`gs://bucket/run`) as given."""
+  return path if "://" in path else os.path.abspath(path)
 
 
 def done_path(workdir: str, stage: str) -> str:
@@ -186,17 +241,17 @@ def done_path(workdir: str, stage: str) -> str:
 
 
 def _read_json(path: str) -> dict | None:
-  if not os.path.exists(path):
+  path = epath.Path(path)
+  if not path.exists():
     return None
-  with open(path) as f:
-    return json.load(f)
+  return json.loads(path.read_text())
 
 
 def _write_json(path: str, record: dict) -> None:
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(record, f, indent=2, sort_keys=True)
-  os.replace(tmp, path)  # atomic: the file appears complete or not at all
+  path = epath.Path(path)
+  tmp = path.with_name(path.name + ".tmp")
+  tmp.write_text(json.dumps(record, indent=2, sort_keys=True))
+  tmp.replace(path)  # atomic on a file system: the file appears complete or not at all
 
 
 def read_done(workdir: str, stage: str) -> dict | None:
@@ -207,6 +262,12 @@ def read_done(workdir: str, stage: str) -> dict | None:
 def read_started(workdir: str, stage: str) -> dict | None:
   """The STARTED.json of a stage's latest run ({"config", "upstream_run_ids"}) or None."""
   return _read_json(os.path.join(workdir, stage, STARTED_FILE))
+
+
+def finished_records(config: ml_collections.ConfigDict, workdir: str) -> dict[str, dict]:
+  """{stage: DONE record} of the stages of `config.stages` finished in `workdir`, in order."""
+  records = {name: read_done(workdir, name) for name in _split(config.stages)}
+  return {name: record for name, record in records.items() if record is not None}
 
 
 def stage_inputs(config: ml_collections.ConfigDict, stage: str) -> dict:
@@ -222,7 +283,6 @@ def stage_inputs(config: ml_collections.ConfigDict, stage: str) -> dict:
 
 def _config_diff(recorded: dict, current: dict, limit: int = 4) -> str:
   """'a.b: 1 -> 2, ...' for the fields that differ ('' when none)."""
-  from flax import traverse_util
   old = traverse_util.flatten_dict(recorded, sep=".")
   new = traverse_util.flatten_dict(current, sep=".")
   missing = "(absent)"
@@ -234,11 +294,12 @@ def _config_diff(recorded: dict, current: dict, limit: int = 4) -> str:
 
 def upstream_stages(config: ml_collections.ConfigDict, stage: str) -> list[str]:
   """The stages whose outputs `stage` is built on: its `parent`, and the job's own `vae`
-  (every diffusion stage trains on, samples through or exports the VAE's latents)
-  unless `config.model.vae_checkpoint` names an external one."""
+  stage (every diffusion stage trains on, samples through or exports the VAE's
+  latents) unless `config.model.vae_checkpoint` names an external one."""
   section = config.get(stage) or {}
   upstream = [section["parent"]] if section.get("parent") else []
-  if stage != "vae" and "vae" not in upstream and not config.model.get("vae_checkpoint"):
+  if (section.get("kind") != "vae" and "vae" not in upstream
+      and not config.model.get("vae_checkpoint")):
     upstream.append("vae")
   return upstream
 
@@ -269,8 +330,9 @@ def _staleness(record: dict, config: ml_collections.ConfigDict, workdir: str, st
 def _holds_work(stage_dir: str) -> bool:
   """Whether a stage directory holds anything a re-run would resume from (any file but
   STARTED.json): a stage that failed before writing anything may re-run with a fix."""
-  return any(f != STARTED_FILE or root != stage_dir
-             for root, _, files in os.walk(stage_dir) for f in files)
+  root = epath.Path(stage_dir)
+  return any(f != STARTED_FILE or directory != root
+             for directory, _, files in root.walk() for f in files)
 
 
 def check_finished_stages(config: ml_collections.ConfigDict, workdir: str,
@@ -311,10 +373,7 @@ def check_finished_stages(config: ml_collections.ConfigDict, workdir: str,
 
 
 def _parent(config: ml_collections.ConfigDict, stage: str, workdir: str) -> tuple[str | None, dict]:
-  section = config.get(stage)
-  if section is None:
-    raise ConfigError(f"config has no section for stage {stage!r} (config.{stage})")
-  parent = section.get("parent", "")
+  parent = config[stage].get("parent", "")
   if not parent:
     return None, {}
   record = read_done(workdir, parent)
@@ -322,26 +381,30 @@ def _parent(config: ml_collections.ConfigDict, stage: str, workdir: str) -> tupl
     raise ConfigError(f"config.{stage}.parent = {parent!r}: that stage has not finished in "
                       f"{workdir} (no {done_path(workdir, parent)}); run it first")
   results = record["results"]
-  return os.path.abspath(results.get("checkpoint") or os.path.join(workdir, parent)), results
+  return absolute(results.get("checkpoint") or os.path.join(workdir, parent)), results
 
 
 def run_job(config: ml_collections.ConfigDict, workdir: str, stages: str | None = None,
-            log: Callable[[str], None] = print) -> dict:
+            log: Callable[[str], None] | None = None) -> dict:
   """Runs the job's stages in order, skipping finished ones; returns {stage: DONE record}.
 
-  `stages` (comma-separated) selects a subset; default `config.stages`. After the
-  stages the report (`report.md`, `scores.json`, PNGs) is rewritten from every
-  finished stage in the workdir.
+  `stages` (comma-separated) selects a subset; default `config.stages`. The job is
+  validated first (`validate_job_config`). After the stages the report (`report.md`,
+  `scores.json`, PNGs) is rewritten from every finished stage in the workdir. `log`
+  (default: print on process 0) gets one line per event. Every process of a
+  multi-process job calls this; process 0 writes the job's files (module docstring).
   """
-  from dreamlite_jax import report
-  from dreamlite_jax import shared_models
-
-  names = parse_stages(stages if stages is not None else config.stages)
-  workdir = os.path.abspath(workdir)
+  writer = is_job_writer()
+  if log is None:
+    log = print if writer else (lambda message: None)
+  names = parse_stages(config, stages)
+  validate_job_config(config, names)
+  workdir = absolute(workdir)
   check_finished_stages(config, workdir, names)
-  os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, "config.json"), "w") as f:
-    f.write(config.to_json_best_effort(indent=2))
+  sync("dreamlite_job:checked")  # every process has read the records before any is written
+  if writer:
+    epath.Path(workdir).mkdir(parents=True, exist_ok=True)
+    epath.Path(workdir, "config.json").write_text(config.to_json_best_effort(indent=2))
   models = shared_models.SharedModels(config, workdir)
   records = {}
   for name in names:
@@ -352,39 +415,44 @@ def run_job(config: ml_collections.ConfigDict, workdir: str, stages: str | None 
       continue
     parent_workdir, parent_results = _parent(config, name, workdir)
     stage_dir = os.path.join(workdir, name)
-    os.makedirs(stage_dir, exist_ok=True)
     inputs = _run_inputs(config, workdir, name)
-    _write_json(os.path.join(stage_dir, STARTED_FILE), inputs)
+    if writer:
+      epath.Path(stage_dir).mkdir(parents=True, exist_ok=True)
+      _write_json(os.path.join(stage_dir, STARTED_FILE), inputs)
+    sync(f"dreamlite_job:{name}:started")
     ctx = StageContext(config=config, name=name, workdir=stage_dir, job_workdir=workdir,
                        parent_workdir=parent_workdir, parent_results=parent_results,
                        models=models)
     log(f"[job] {name}: starting" + (f" from {parent_workdir}" if parent_workdir else ""))
     start = time.time()
     try:
-      results = STAGE_RUNNERS[name](ctx)
+      results = STAGE_RUNNERS[config[name].kind](ctx)
     except StagePreempted as e:
       log(f"[job] {e}")
       return records
     record = {"stage": name, "results": results, "wall_time_s": time.time() - start,
               "finished_at": time.strftime("%Y-%m-%d %H:%M:%S"), "run_id": uuid.uuid4().hex,
               **inputs}
-    _write_json(done_path(workdir, name), record)
+    if writer:
+      _write_json(done_path(workdir, name), record)
+    sync(f"dreamlite_job:{name}:done")  # the next stage reads this record as its parent
     log(f"[job] {name}: done in {record['wall_time_s']:.0f}s")
     records[name] = record
-  report.write_report(config, workdir, log=log)
+  if writer:
+    report.write_report(config, workdir, finished_records(config, workdir), log=log)
+  sync("dreamlite_job:report")
   return records
 
 
-def load_job_config(path: str, overrides: list[str] | tuple[str, ...] = ()
-                    ) -> ml_collections.ConfigDict:
-  """Loads a job config: defaults, then `config.presets[preset]`, then the user's overrides.
+def load_job_config(path: str, overrides: list[str] | tuple[str, ...] = (),
+                    stages: str | None = None) -> ml_collections.ConfigDict:
+  """Loads and validates a job config: defaults, then `config.presets[preset]`, then the
+  user's overrides; then `validate_job_config` for the stages to run (`stages`, as
+  `--stages` selects them, else `config.stages`).
 
   The preset is read from the overrides (`--config.preset=smoke`) so a user
   override of a field the preset also sets still wins.
   """
-  from dreamlite_jax import config as config_lib
-  from dreamlite_jax import config_schema
-
   config = config_lib.load_config(path, overrides)
   preset = config.get("preset", "default")
   if preset != "default":
@@ -395,6 +463,5 @@ def load_job_config(path: str, overrides: list[str] | tuple[str, ...] = ()
     config = config_lib.load_config_file(path)
     config_lib.apply_overrides(config, presets[preset])
     config_lib.apply_overrides(config, overrides)
-    config_schema.validate(config)
-  parse_stages(config.stages)
+  validate_job_config(config, parse_stages(config, stages))
   return config

@@ -1,8 +1,15 @@
+import ast
+import os
 import textwrap
 
 import pytest
 
 from dreamlite_jax import config as config_lib
+from dreamlite_jax import config_schema
+from dreamlite_jax import preemption
+from dreamlite_jax import stages
+
+ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 
 
 @pytest.fixture
@@ -45,3 +52,37 @@ def test_wrong_type_is_named(config_file):
 def test_missing_file_is_named(tmp_path):
   with pytest.raises(config_lib.ConfigError, match="nope.py"):
     config_lib.load_config_file(str(tmp_path / "nope.py"))
+
+
+def test_loading_is_pure_and_validation_names_the_field_where_it_sits(tmp_path):
+  """`config` loads without validating (the job loader and the trainer validate)."""
+  path = tmp_path / "exp.py"
+  path.write_text("import ml_collections\n"
+                  "def get_config():\n"
+                  "  return ml_collections.ConfigDict(dict(train=dict(schedule='x')))\n")
+  assert config_lib.load_config(str(path)).train.schedule == "x"
+  with pytest.raises(config_lib.ConfigError, match=r"^config\.train\.schedule = 'x'"):
+    config_schema.validate(config_lib.load_config(str(path)))
+  with pytest.raises(config_lib.ConfigError, match=r"^config\.sft\.train\.schedule = 'x'"):
+    config_schema.validate(config_lib.load_config(str(path)), "config.sft")
+
+
+def _imports(module: str) -> set[str]:
+  tree = ast.parse(open(os.path.join(ROOT, "dreamlite_jax", f"{module}.py")).read())
+  names = set()
+  for node in ast.walk(tree):  # function-level imports too
+    if isinstance(node, ast.Import):
+      names.update(alias.name for alias in node.names)
+    elif isinstance(node, ast.ImportFrom):
+      names.update([node.module] + [f"{node.module}.{alias.name}" for alias in node.names])
+  return names
+
+
+def test_config_and_preemption_import_nothing_that_imports_them():
+  """The schema imports `config`, never the reverse; `preemption` (which stage runners
+  and the job runner share) imports no project module."""
+  assert "dreamlite_jax.config" in _imports("config_schema")
+  assert not [n for n in _imports("config") if n.startswith("dreamlite_jax")]
+  assert not [n for n in _imports("preemption") if n.startswith("dreamlite_jax")]
+  assert stages.StagePreempted is preemption.StagePreempted
+  assert stages.raise_if_preempted is preemption.raise_if_preempted

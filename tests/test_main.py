@@ -37,7 +37,7 @@ def _finite_leaves(tree, path=""):
 def test_smoke_job_writes_report_and_finite_scores(smoke_job):
   workdir, records = smoke_job
   config = stages.load_job_config(CONFIG, ["--config.preset=smoke"])
-  assert list(records) == stages.parse_stages(config.stages)
+  assert list(records) == stages.parse_stages(config)
   for name in ("report.md", "scores.json", "loss_curves.png", "config.json"):
     assert os.path.getsize(os.path.join(workdir, name)) > 0, name
   with open(os.path.join(workdir, "scores.json")) as f:
@@ -96,9 +96,9 @@ def test_rl_stage_runs_flow_grpo_too(smoke_job, tmp_path):
 
 
 def test_unknown_stage_and_missing_parent_fail_loudly(tmp_path):
-  with pytest.raises(ConfigError, match="unknown stage"):
-    stages.parse_stages("vae,pretrain_everything")
   config = stages.load_job_config(CONFIG, ["--config.preset=smoke"])
+  with pytest.raises(ConfigError, match="unknown stage 'pretrain_everything'"):
+    stages.parse_stages(config, "vae,pretrain_everything")
   with pytest.raises(ConfigError, match="pretrain_joint"):
     stages.run_job(config, str(tmp_path), stages="sft")
   with pytest.raises(ConfigError, match="unknown; known presets"):

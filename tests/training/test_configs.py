@@ -1,72 +1,115 @@
-"""The paper-scale stage configs: they load, validate, chain, and bad fields are named."""
+"""The paper-scale job configs: they load and validate as jobs, chain, and bad fields are named
+by their full path (on 8 simulated devices, with stand-in caches and VAE folder)."""
 import dataclasses
+import glob
+import os
 
 import pytest
 
 from dreamlite_jax import config_schema
-from dreamlite_jax.config import ConfigError, load_config
+from dreamlite_jax import stages
+from dreamlite_jax.config import ConfigError
 from dreamlite_jax.models.unet import UNetConfig
 from dreamlite_jax.models.vae import VAEConfig
 
-STAGES = ("pretrain_t2i", "pretrain_edit", "pretrain_joint", "sft")
+JOB = "experiments/dreamlite_1024.py"
+STAGES = ("pretrain_t2i", "pretrain_edit", "pretrain_joint", "sft", "rl", "distill")
+PRETRAIN = STAGES[:4]
 
 
-def _path(stage):
-  return f"experiments/dreamlite_1024_{stage}.py"
+@pytest.fixture(scope="module")
+def paths(tmp_path_factory):
+  """Overrides pointing the job at stand-ins: caches with every side, a VAE run dir."""
+  root = tmp_path_factory.mktemp("paper")
+  for task in ("t2i", "edit"):
+    for side in (512, 768, 1024):
+      os.makedirs(root / task / str(side))
+      (root / task / str(side) / config_schema.CACHE_INFO).write_text("{}")
+  os.makedirs(root / "vae" / "checkpoints")
+  return [f"--config.data.t2i_cache={root / 't2i'}", f"--config.data.edit_cache={root / 'edit'}",
+          f"--config.model.vae_checkpoint={root / 'vae'}"]
 
 
-@pytest.mark.parametrize("stage", STAGES)
-def test_stage_config_loads_and_validates(stage):
-  config = load_config(_path(stage))
-  config_schema.validate_trainer(config)
-  assert config.stage == stage
-  unet = UNetConfig.from_dict(config.model.unet.to_dict())
-  assert unet == dataclasses.replace(UNetConfig.paper(), dtype="bfloat16")
-  assert VAEConfig(**config.model.vae.to_dict()) == VAEConfig.taesd()
-  assert config.model.text_encoder.text_length == 128
-  assert config.data.resolutions[-1][0] == 1024
+def _load(paths, path=JOB, *overrides):
+  return stages.load_job_config(path, [*paths, *overrides])
 
 
-def test_stages_chain_through_init_from():
-  parents = {stage: load_config(_path(stage)).init_from.workdir for stage in STAGES}
-  assert parents == {"pretrain_t2i": "", "pretrain_edit": "runs/dreamlite_1024/pretrain_t2i",
-                     "pretrain_joint": "runs/dreamlite_1024/pretrain_edit",
-                     "sft": "runs/dreamlite_1024/pretrain_joint"}
+def test_every_stage_file_is_the_job_with_one_stage(paths):
+  job = _load(paths)
+  assert stages.parse_stages(job) == list(STAGES)
+  files = sorted(glob.glob("experiments/dreamlite_1024_*.py"))
+  assert files == sorted(f"experiments/dreamlite_1024_{s}.py" for s in STAGES)
+  for stage in STAGES:
+    config = _load(paths, f"experiments/dreamlite_1024_{stage}.py")
+    assert config.stages == stage
+    config.stages = job.stages
+    assert config.to_dict() == job.to_dict(), stage
 
 
-def test_task_mix_and_progressive_resolution_are_fields():
-  t2i, edit, joint = (load_config(_path(s)) for s in STAGES[:3])
-  assert (t2i.data.t2i_weight, t2i.data.edit_weight) == (1.0, 0.0)
-  assert (edit.data.t2i_weight, edit.data.edit_weight) == (0.0, 1.0)
-  assert joint.data.t2i_weight > 0 and joint.data.edit_weight > 0
-  sides = [side for side, _ in t2i.data.resolutions]
+def test_model_and_chain(paths):
+  job = _load(paths)
+  assert UNetConfig.from_dict(job.model.unet.to_dict()) == dataclasses.replace(
+      UNetConfig.paper(), dtype="bfloat16")
+  assert VAEConfig(**job.model.vae.to_dict()) == VAEConfig.taesd()
+  assert job.model.text_encoder.text_length == 128
+  assert job.data.source == "cache"
+  assert {s: job[s].parent for s in STAGES} == {
+      "pretrain_t2i": "", "pretrain_edit": "pretrain_t2i", "pretrain_joint": "pretrain_edit",
+      "sft": "pretrain_joint", "rl": "sft", "distill": "rl"}
+  assert {job[s].kind for s in PRETRAIN} == {"pretrain"}
+  assert (job.rl.kind, job.distill.kind) == ("rl", "distill")
+
+
+def test_each_pretrain_stage_config_is_trainer_ready(paths):
+  job = _load(paths)
+  for stage in PRETRAIN:
+    ctx = stages.StageContext(config=job, name=stage, workdir="w", job_workdir="j",
+                              parent_workdir=None, parent_results={}, models=None)
+    config = ctx.stage_config()
+    config_schema.validate_trainer(config)
+    assert config.data.resolutions[-1][0] == 1024
+
+
+def test_task_mix_and_progressive_resolution_are_fields(paths):
+  job = _load(paths)
+  t2i, edit, joint = (job[s].data for s in PRETRAIN[:3])
+  assert (t2i.t2i_weight, t2i.edit_weight) == (1.0, 0.0)
+  assert (edit.t2i_weight, edit.edit_weight) == (0.0, 1.0)
+  assert joint.t2i_weight > 0 and joint.edit_weight > 0
+  sides = [side for side, _ in t2i.resolutions]
   assert sides == sorted(sides) and len(sides) > 1
-  mixed = load_config(_path("pretrain_joint"), ["--config.data.t2i_weight=0.7",
-                                                "--config.data.edit_weight=0.3"])
-  assert (mixed.data.t2i_weight, mixed.data.edit_weight) == (0.7, 0.3)
+  mixed = _load(paths, JOB, "--config.pretrain_joint.data.t2i_weight=0.7",
+                "--config.pretrain_joint.data.edit_weight=0.3")
+  assert (mixed.pretrain_joint.data.t2i_weight, mixed.pretrain_joint.data.edit_weight) == (0.7, 0.3)
 
 
 @pytest.mark.parametrize("override, field", [
-    ("--config.train.schedule=linear", "config.train.schedule"),
-    ("--config.train.accum_steps=3", "config.train.accum_steps"),
+    ("--config.pretrain_joint.train.schedule=linear", "config.pretrain_joint.train.schedule"),
+    ("--config.pretrain_joint.train.accum_steps=3", "config.pretrain_joint.train.accum_steps"),
     ("--config.mesh.fsdp=0", "config.mesh.fsdp"),
-    ("--config.data.resolutions=((1000, 0),)", "config.data.resolutions"),
-    ("--config.data.t2i_weight=-1.0", "config.data.t2i_weight"),
-    ("--config.loss.text_dropout=1.5", "config.loss"),
-    ("--config.init_from.step=-2", "config.init_from.step"),
-    ("--config.train.compute_dtype=fp8", "config.train.compute_dtype"),
-    ("--config.train.compute_dtype=float32", "config.model.unet.dtype"),
-    ("--config.train.batch_sise=8", "config.train.batch_sise"),
+    ("--config.mesh.fsdp=16", "config.mesh"),  # 8 devices
+    ("--config.pretrain_joint.data.resolutions=((1000, 0),)",
+     "config.pretrain_joint.data.resolutions"),
+    ("--config.pretrain_joint.data.t2i_weight=-1.0", "config.pretrain_joint.data.t2i_weight"),
+    ("--config.pretrain_joint.loss.text_dropout=1.5", "config.pretrain_joint.loss"),
+    ("--config.pretrain_joint.train.compute_dtype=fp8",
+     "config.pretrain_joint.train.compute_dtype"),
+    ("--config.pretrain_joint.train.compute_dtype=float32", "config.model.unet.dtype"),
+    ("--config.pretrain_joint.train.batch_size=12", "config.pretrain_joint.train.batch_size"),
+    ("--config.distill.train.schedule=linear", "config.distill.train.schedule"),
+    ("--config.pretrain_joint.train.batch_sise=8", "config.pretrain_joint.train.batch_sise"),
+    ("--config.data.t2i_cache=/no/such/dir", "config.data.t2i_cache"),
+    ("--config.model.vae_checkpoint=/no/such/vae", "config.model.vae_checkpoint"),
 ])
-def test_bad_field_fails_at_load_with_its_name(override, field):
+def test_bad_field_fails_at_load_with_its_full_path(paths, override, field):
   with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
-    load_config(_path("pretrain_joint"), [override])
+    _load(paths, JOB, override)
 
 
-def test_unknown_model_field_is_named():
-  config = load_config(_path("pretrain_t2i"))
+def test_unknown_model_field_is_named(paths):
+  config = _load(paths)
   config.model.unet.unlock()
   config.model.unet.not_a_field = 3
   with pytest.raises(ConfigError, match=r"config\.model\.unet\.not_a_field"):
-    config_schema.validate(config)
+    config_schema.validate_job(config, list(STAGES))
   assert "not_a_field" not in {f.name for f in dataclasses.fields(UNetConfig)}
