@@ -5,11 +5,12 @@ One global example stream is defined identically on every host:
   per source: shuffle(seed) -> repeat   (each epoch reshuffled)
   mix sources at fixed proportions      (the joint T2I/edit stage)
   convert raw records -> training examples (random crops seeded by global position)
-  host h keeps positions h, h + P, h + 2P, ...   (P = process_count)
-  batch per_host = global_batch / P
+  host h keeps rows [h * B/P, (h + 1) * B/P) of every global batch of B
+  batch per_host = B / P                  (P = process_count)
 
-so hosts see disjoint examples whose union is the global stream, and the global
-batch `k` is the union of every host's batch `k`. The iterator's state is the
+so hosts see disjoint examples whose union is the global stream, and global
+batch `k`, host batches concatenated in process order, is the same whatever P
+is: a run on 2 hosts trains on exactly the batches of a run on 1. The iterator's state is the
 number of batches consumed (plus a fingerprint of the settings), a small JSON
 dict a checkpoint stores; restoring it makes the next batch the very one that
 would have come next.
@@ -162,11 +163,40 @@ def _stream(sources: Sequence[Source], weights: Sequence[float], seed: int,
   return grain.MapDataset.mix(parts, weights=list(weights))
 
 
+class _HostRows(grain.MapDataset):
+  """This host's rows of every global batch: [index * per_host, (index + 1) * per_host)."""
+
+  _MUTATES_ELEMENT_SPEC = False
+
+  def __init__(self, parent: grain.MapDataset, global_batch: int, per_host: int, index: int):
+    super().__init__(parent)
+    self._global_batch, self._per_host, self._index = global_batch, per_host, index
+    self._length = len(parent) // global_batch * per_host
+
+  def __len__(self) -> int:
+    return self._length
+
+  def _parent_index(self, i: int) -> int:
+    batch, row = divmod(i, self._per_host)
+    return batch * self._global_batch + self._index * self._per_host + row
+
+  def __getitem__(self, index):
+    if isinstance(index, slice):
+      return self.slice(index)
+    return self._parent[self._parent_index(index)]
+
+  def _getitems(self, indices):
+    return self._parent._getitems([self._parent_index(i) for i in indices])  # pylint: disable=protected-access
+
+  def __str__(self) -> str:
+    return f"_HostRows(process {self._index}, {self._per_host} of {self._global_batch})"
+
+
 def _host_batches(stream: grain.MapDataset, size: tuple[int, int], crop: str, seed: int,
                   convert: Convert, process_index: int, process_count: int,
                   per_host: int) -> grain.MapDataset:
   ds = stream.random_map(lambda raw, rng: convert(raw, size, crop, rng), seed=seed)
-  ds = ds[process_index::process_count]
+  ds = _HostRows(ds, per_host * process_count, per_host, process_index)
   return ds.batch(per_host, drop_remainder=True, batch_fn=training_example.collate)
 
 

@@ -55,17 +55,16 @@ def _sampling_placement(params: Any) -> Any:
   The jitted sampler is keyed on where its arguments live: the same U-Net from a
   checkpoint, from the trainer's mesh and from host memory would otherwise compile
   the same program three times (5-8 s each for the tiny U-Net on XLA:CPU). Params
-  sharded across devices (FSDP, tensor parallel) stay where they are.
+  with any leaf sharded across devices (FSDP, tensor parallel) stay where they are,
+  all of them: one jitted call cannot mix leaves on one device with leaves on a mesh.
   """
-  device = jax.local_devices()[0]
+  def sharded(x):
+    return isinstance(x, jax.Array) and not (x.is_fully_addressable
+                                             and x.sharding.is_fully_replicated)
 
-  def place(x):
-    if isinstance(x, jax.Array) and not (x.is_fully_addressable
-                                         and x.sharding.is_fully_replicated):
-      return x
-    return jax.device_put(x, device)
-
-  return jax.tree.map(place, params)
+  if any(sharded(x) for x in jax.tree.leaves(params)):
+    return params
+  return jax.device_put(params, jax.local_devices()[0])
 
 
 def _vae_call(vae, params, x, method: str):
