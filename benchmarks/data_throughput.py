@@ -11,6 +11,7 @@ examples/s (goal >= 10: the loader must never be the bottleneck).
 """
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import json
 import tempfile
@@ -107,7 +108,9 @@ def train_step_throughput() -> float | None:
   return steps * b / (time.perf_counter() - start)
 
 
-def main() -> None:
+def main(argv=None) -> None:
+  argparse.ArgumentParser(prog="python -m benchmarks.data_throughput",
+                          description=__doc__.split("\n")[0]).parse_args(argv)
   shapes_eps = shapes_throughput()
   print(f"examples_per_s_shapes: {shapes_eps:.1f}")
   with tempfile.TemporaryDirectory() as tmp:

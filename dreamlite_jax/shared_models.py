@@ -18,6 +18,7 @@ from typing import Any
 import jax
 import ml_collections
 import numpy as np
+from etils import epath
 
 from dreamlite_jax.config import ConfigError
 from dreamlite_jax.models import channel_concat
@@ -34,7 +35,7 @@ class SharedModels:
 
   def __init__(self, config: ml_collections.ConfigDict, workdir: str):
     self.config = config
-    self.workdir = os.path.abspath(workdir)
+    self.workdir = workdir if "://" in workdir else os.path.abspath(workdir)
     self._vae_params = None
     self._text_encoder = None
     self._pipeline = None
@@ -132,7 +133,7 @@ class SharedModels:
       self._data["raw"] = shapes_data.load_or_build(
           os.path.join(self.workdir, "data", "raw.npz"),
           lambda: shapes_data.build_raw(d.num_t2i, d.num_edit, d.image_size, d.seed),
-          self._raw_inputs())
+          self._raw_inputs(), write=jax.process_index() == 0)
     return self._data["raw"]
 
   def encoded_data(self) -> dict[str, np.ndarray]:
@@ -148,7 +149,7 @@ class SharedModels:
       self._data["encoded"] = shapes_data.load_or_build(
           os.path.join(self.workdir, "data", "encoded.npz"),
           lambda: shapes_data.encode(self.raw_data(), lambda x: enc(params, x),
-                                     self.text_encoder), inputs)
+                                     self.text_encoder), inputs, write=jax.process_index() == 0)
     return self._data["encoded"]
 
 
@@ -167,7 +168,5 @@ def _load_diffusers_vae(directory: str, expected: VAEConfig) -> Any:
 
 def _read_json(path: str) -> dict:
   """A job record (the stage's DONE.json), or {} when the stage has not finished."""
-  if not os.path.exists(path):
-    return {}
-  with open(path) as f:
-    return json.load(f)
+  path = epath.Path(path)
+  return json.loads(path.read_text()) if path.exists() else {}

@@ -11,11 +11,11 @@ the trainer resumes the exact data stream.
 from __future__ import annotations
 
 import json
-import os
 import zipfile
 from typing import Any, Callable
 
 import numpy as np
+from etils import epath
 
 from data_pipelines import shapes
 from dreamlite_jax.diffusion import flow
@@ -47,18 +47,21 @@ INPUTS_KEY = "_built_from"
 
 
 def load_or_build(path: str, build: Callable[[], dict[str, np.ndarray]], inputs: dict,
-                  log: Callable[[str], None] = print) -> dict[str, np.ndarray]:
+                  log: Callable[[str], None] = print, write: bool = True
+                  ) -> dict[str, np.ndarray]:
   """`np.load(path)` if it was built from the same `inputs`, else `build()` saved atomically.
 
   `inputs` (JSON-able) names everything the arrays are a function of (data config,
   VAE checkpoint, text encoder). A file built from other inputs, by an older version
   without the record, or unreadable (truncated, corrupt) is rebuilt, with a log line
-  that says why: a changed config never trains on the old data silently.
+  that says why: a changed config never trains on the old data silently. `path` may
+  be a URL (`gs://...`); with several processes only one should `write`.
   """
   key = json.dumps(inputs, sort_keys=True)
-  if os.path.exists(path):
+  path = epath.Path(path)
+  if path.exists():
     try:
-      with np.load(path) as f:
+      with path.open("rb") as file, np.load(file) as f:
         recorded = str(f[INPUTS_KEY]) if INPUTS_KEY in f.files else None
         if recorded == key:
           return {k: f[k] for k in f.files if k != INPUTS_KEY}
@@ -67,10 +70,12 @@ def load_or_build(path: str, build: Callable[[], dict[str, np.ndarray]], inputs:
       why = f"is unreadable ({type(e).__name__}: {e})"
     log(f"[data] {path} {why}; rebuilding it from {key}")
   arrays = build()
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  tmp = path + ".tmp.npz"
-  np.savez(tmp, **arrays, **{INPUTS_KEY: np.array(key)})
-  os.replace(tmp, path)
+  if write:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / (path.name + ".tmp")
+    with tmp.open("wb") as f:
+      np.savez(f, **arrays, **{INPUTS_KEY: np.array(key)})
+    tmp.replace(path)
   return arrays
 
 
