@@ -36,7 +36,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STAGES = ("pretrain_t2i", "pretrain_edit", "pretrain_joint", "sft", "rl", "distill")
 PRETRAIN = STAGES[:4]
 SIDES = (64, 128)   # cache sides; pretrain_t2i grows 64 -> 128 at step 2
-TEXT_LENGTH = 16
+TEXT_LENGTH = 128  # the tiny encoder's vision tower needs >= 66 tokens for edits
 
 
 def _config_file(stage: str) -> str:
