@@ -23,6 +23,8 @@ import os
 import sys
 import time
 
+from dreamlite_jax import stages
+
 CONFIG = os.path.join(os.path.dirname(__file__), "..", "experiments", "shapes_tiny.py")
 PRETRAIN = ("pretrain_t2i", "pretrain_edit", "pretrain_joint")
 
@@ -51,8 +53,6 @@ def main(argv: list[str] | None = None) -> dict:
   parser.add_argument("--vae-job", default="",
                       help="a finished job's workdir whose vae/ stage and data/ to reuse")
   args, overrides = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
-  from dreamlite_jax import stages
-
   base = stages.load_job_config(CONFIG, overrides)
   scaled = lambda n: max(1, int(round(n * args.scale)))
   steps = {s: scaled(base[s].train.steps) for s in PRETRAIN}

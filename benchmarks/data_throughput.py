@@ -12,18 +12,21 @@ examples/s (goal >= 10: the loader must never be the bottleneck).
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import tempfile
 import time
 from pathlib import Path
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
 from PIL import Image
 
 from data_pipelines import loader
 from data_pipelines import shapes
 from data_pipelines import t2i_folder
+from dreamlite_jax.models import unet
 
 BATCH = 32
 
@@ -67,15 +70,8 @@ def folder_throughput(tmp: Path) -> tuple[float, float]:
   return _examples_per_s(it, batches=2 * 512 // BATCH), prepare_s
 
 
-def train_step_throughput() -> float | None:
-  """Examples/s of a tiny U-Net train step on 64x64 images, or None if the U-Net is absent."""
-  if importlib.util.find_spec("dreamlite_jax.models.unet") is None:
-    return None
-  import jax
-  import jax.numpy as jnp
-  import optax
-  from dreamlite_jax.models import unet
-
+def train_step_throughput() -> float:
+  """Examples/s of a tiny U-Net train step on 64x64 images."""
   config = unet.UNetConfig.tiny()
   model = unet.DreamLiteUNet(config)
   b, h, w, length = 8, 8, 8, 16  # 64x64 images -> 8x8 latents, packed to 8x16
@@ -118,10 +114,6 @@ def main(argv=None) -> None:
   print(f"folder_prepare_s_512_jpegs: {prepare_s:.1f}")
   print(f"examples_per_s_folder_256: {folder_eps:.1f}")
   step_eps = train_step_throughput()
-  if step_eps is None:
-    print("train_step_examples_per_s: unavailable (dreamlite_jax.models.unet has not landed)")
-    print("ratio_vs_train_step: unavailable (no tiny U-Net to time yet)")
-    return
   print(f"train_step_examples_per_s: {step_eps:.1f}")
   print(f"ratio_vs_train_step: {shapes_eps / step_eps:.1f}")
 

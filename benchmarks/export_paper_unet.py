@@ -16,6 +16,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -23,18 +24,17 @@ import numpy as np
 from converters import components, gpu_check, litert, numerics
 from converters.jax_to_tflite import convert_jax_function, param_bytes
 from dreamlite_jax.diffusion import flow
+from dreamlite_jax.models.unet import DreamLiteUNet, UNetConfig
 
 GIB = 2 ** 30
 
 
 def random_unet(config, seed: int = 0):
   """`(model, params)` with the model's own initialisers (params traced at a tiny size)."""
-  from dreamlite_jax.models.unet import DreamLiteUNet
   model = DreamLiteUNet(config)
   args = (jnp.zeros((1, 8, 16, 4)), jnp.ones((1,)),
           jnp.zeros((1, 8, config.encoder_hid_dim)), jnp.ones((1, 8)), jnp.ones((1, 2)))
   params = jax.jit(model.init)(jax.random.PRNGKey(seed), *args)['params']
-  import flax.linen as nn
   return model, jax.device_get(nn.meta.unbox(params))
 
 
@@ -62,7 +62,6 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument('--out', default=None, help='write unet.tflite here (default: temp dir)')
   parser.add_argument('--threads', type=int, default=os.cpu_count())
   args = parser.parse_args(argv)
-  from dreamlite_jax.models.unet import UNetConfig
   config = UNetConfig.paper()
 
   start = time.time()

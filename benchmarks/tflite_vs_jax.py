@@ -21,6 +21,7 @@ import jax
 from benchmarks.export_paper_unet import random_unet, unet_inputs
 from converters import components, litert
 from converters.jax_to_tflite import convert_jax_function
+from dreamlite_jax.models.unet import UNetConfig
 
 
 def _median_s(fn, runs: int) -> float:
@@ -61,7 +62,6 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument('--threads', type=int, default=os.cpu_count())
   parser.add_argument('--skip-paper', action='store_true')
   args = parser.parse_args(argv)
-  from dreamlite_jax.models.unet import UNetConfig
   print(f'cpu_threads: {args.threads}')
   ratios = {'tiny': bench('tiny', UNetConfig.tiny(), args.tiny_size, args.runs, args.threads)}
   if not args.skip_paper:

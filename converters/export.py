@@ -26,8 +26,11 @@ from converters import components, gpu_check, litert, numerics
 from converters.components import Component
 from converters.jax_to_tflite import PRECISIONS, convert_jax_function, output_specs
 from converters.manifest import MANIFEST_FORMAT, sha256_file, write_manifest
+from dreamlite_jax import pipeline as pipeline_lib
+from dreamlite_jax.config import load_config
 from dreamlite_jax.diffusion import flow
 from dreamlite_jax.models import prompts
+from dreamlite_jax.models.tokenizer import load_tokenizer
 
 STUDENT_STEPS = 4
 EVAL_PROMPT = 'a red circle above a blue square'
@@ -149,7 +152,6 @@ def export_all(models: DeployModels, out_dir: str | Path, precision: str = 'fp32
   if precision not in PRECISIONS:
     raise ValueError(f'--precision must be one of {PRECISIONS}, got {precision!r}')
   if tokenizer is None:
-    from dreamlite_jax.models.tokenizer import load_tokenizer
     tokenizer = load_tokenizer()
   out_dir = Path(out_dir)
   out_dir.mkdir(parents=True, exist_ok=True)
@@ -291,15 +293,14 @@ def main(argv: list[str] | None = None) -> dict:
   parser.add_argument('--time-ids-input', action='store_true',
                       help='keep time_ids as a U-Net input instead of baking in the size')
   args = parser.parse_args(argv)
-  from dreamlite_jax.pipeline import load_pipeline
   text_encoder, vae_checkpoint = args.text_encoder, args.vae_checkpoint
   if args.config:
-    from dreamlite_jax.config import load_config
     config = load_config(args.config)
     text_encoder = text_encoder or _config_field(config, 'model.text_encoder.spec')
     vae_checkpoint = vae_checkpoint or _config_field(config, 'model.vae_checkpoint')
-  pipe = load_pipeline(args.checkpoint, text_encoder=text_encoder, vae_checkpoint=vae_checkpoint,
-                       step=args.step, ema=not args.no_ema)
+  pipe = pipeline_lib.load_pipeline(args.checkpoint, text_encoder=text_encoder,
+                                    vae_checkpoint=vae_checkpoint, step=args.step,
+                                    ema=not args.no_ema)
   size = (args.size[0], args.size[-1])
   if size[0] % pipe.size_multiple or size[1] % pipe.size_multiple:
     parser.error(f'--size {size} must be multiples of {pipe.size_multiple}')

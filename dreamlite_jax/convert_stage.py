@@ -10,11 +10,11 @@ from __future__ import annotations
 import os
 
 from dreamlite_jax.config import ConfigError
+from dreamlite_jax.training import checkpoints
 
 
 def run_stage(ctx) -> dict:
-  from converters import export
-  from dreamlite_jax.training import checkpoints
+  from converters import export  # pulls TensorFlow: only when a job converts
 
   if not ctx.parent_workdir:
     raise ConfigError(f"config.{ctx.name}.parent must name the stage whose U-Net is exported")

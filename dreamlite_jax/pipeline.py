@@ -25,10 +25,16 @@ from typing import Any, Callable, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
 from PIL import Image
 
 from dreamlite_jax.diffusion import flow
 from dreamlite_jax.diffusion import sampling
+from dreamlite_jax.models.qwen3_vl import Qwen3VLConfig
+from dreamlite_jax.models.text_conditioning import TextEncoder
+from dreamlite_jax.models.unet import DreamLiteUNet, UNetConfig
+from dreamlite_jax.models.vae import TinyAutoencoder, VAEConfig
+from dreamlite_jax.training import checkpoints
 
 ImageLike = Image.Image | np.ndarray
 
@@ -301,9 +307,6 @@ def make_sample_fn(pipe: Pipeline, prompts: Sequence[str], seed: int = 0, steps:
 
 def read_run_config(checkpoint_dir: str, step: int = -1) -> dict:
   """The run config (JSON dict) stored with a training checkpoint (`config` item)."""
-  import orbax.checkpoint as ocp
-  from dreamlite_jax.training import checkpoints
-
   directory = checkpoints._resolve_checkpoints(checkpoint_dir)
   if not os.path.isdir(directory):
     raise FileNotFoundError(f"checkpoint directory not found: {checkpoint_dir}")
@@ -326,9 +329,6 @@ def _section(config: dict, dotted: str) -> Any:
 
 def build_text_encoder(spec: str, text_length: int = 128) -> Any:
   """`spec` = a local Qwen3-VL checkpoint directory, or `tiny:SEED` (random tiny encoder)."""
-  from dreamlite_jax.models.qwen3_vl import Qwen3VLConfig
-  from dreamlite_jax.models.text_conditioning import TextEncoder
-
   if spec.startswith("tiny:"):
     try:
       seed = int(spec.split(":", 1)[1])
@@ -351,10 +351,6 @@ def load_pipeline(checkpoint_dir: str, *, text_encoder: Any = None, vae_checkpoi
   `text_encoder` (a TextEncoder or a `build_text_encoder` spec), else the run
   config's `model.text_encoder.spec` (with `model.text_encoder.text_length`).
   """
-  from dreamlite_jax.models.unet import DreamLiteUNet, UNetConfig
-  from dreamlite_jax.models.vae import TinyAutoencoder, VAEConfig
-  from dreamlite_jax.training import checkpoints
-
   config = read_run_config(checkpoint_dir, step)
   unet_fields, vae_fields = _section(config, "model.unet"), _section(config, "model.vae")
   if unet_fields is None or vae_fields is None:

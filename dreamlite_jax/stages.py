@@ -88,6 +88,7 @@ from dreamlite_jax import config_schema
 from dreamlite_jax import report
 from dreamlite_jax import shared_models
 from dreamlite_jax.config import ConfigError
+from dreamlite_jax.eval import shapes_stage
 # Re-exported: runners that import them from here keep working.
 from dreamlite_jax.preemption import StagePreempted, raise_if_preempted  # noqa: F401
 from experiments import train_defaults
@@ -112,7 +113,6 @@ class StageContext:
     return self.config[self.name]
 
   def eval_sets(self) -> dict:
-    from dreamlite_jax.eval import shapes_stage  # a runner module: lazy like the registry
     return shapes_stage.eval_sets(self.config)
 
   def stage_config(self, section: ml_collections.ConfigDict | None = None
@@ -156,7 +156,6 @@ def _distill(ctx):
 
 
 def _eval(ctx):
-  from dreamlite_jax.eval import shapes_stage
   return shapes_stage.run_stage(ctx)
 
 

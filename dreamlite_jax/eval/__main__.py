@@ -17,7 +17,10 @@ from typing import Sequence
 
 import ml_collections
 
+from data_pipelines import shapes
+from dreamlite_jax import pipeline as pipeline_lib
 from dreamlite_jax.eval import geneval_export, imgedit_export, report
+from dreamlite_jax.eval import shapes_stage
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -55,7 +58,6 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
 
 
 def _image_size(checkpoint: str, step: int, default: int) -> int:
-  from dreamlite_jax import pipeline as pipeline_lib
   config = pipeline_lib.read_run_config(checkpoint, step)
   size = pipeline_lib._section(config, "data.image_size")
   return int(size) if size else default
@@ -63,8 +65,6 @@ def _image_size(checkpoint: str, step: int, default: int) -> int:
 
 def run_shapes(pipe, args: argparse.Namespace, size: int) -> tuple[dict, list[str]]:
   """Shapes scores (nested t2i/edit) and the sample grid PNG paths."""
-  from data_pipelines import shapes
-  from dreamlite_jax.eval import shapes_stage
   sets = {
       "t2i": shapes.t2i_eval_prompts("train", args.per_category, size),
       "t2i_heldout": shapes.t2i_eval_prompts("heldout", args.per_category, size),
@@ -82,9 +82,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
   parser = _parser()
   args = parser.parse_args(argv)
   _check_args(parser, args)
-  from dreamlite_jax.pipeline import load_pipeline
-  pipe = load_pipeline(args.checkpoint, text_encoder=args.text_encoder,
-                       vae_checkpoint=args.vae_checkpoint, step=args.step, ema=not args.no_ema)
+  pipe = pipeline_lib.load_pipeline(args.checkpoint, text_encoder=args.text_encoder,
+                                    vae_checkpoint=args.vae_checkpoint, step=args.step,
+                                    ema=not args.no_ema)
   guidance = args.guidance or None
   image_guidance = (args.image_guidance or None) if guidance else None
   os.makedirs(args.out, exist_ok=True)

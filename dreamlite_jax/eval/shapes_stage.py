@@ -19,7 +19,9 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from data_pipelines import shapes
+from dreamlite_jax.config import ConfigError
 from dreamlite_jax.eval import shapes_eval
+from dreamlite_jax.training import checkpoints
 
 _SETS: dict[tuple, dict] = {}
 
@@ -193,8 +195,6 @@ def edit_grid(path: str, items: list[dict], results: np.ndarray, n: int = 14,
 
 def run_stage(ctx) -> dict:
   """The job's `eval` stage: full evaluation of the parent's U-Net (its EMA params)."""
-  from dreamlite_jax.config import ConfigError
-  from dreamlite_jax.training import checkpoints
   if not ctx.parent_workdir:
     raise ConfigError(f"config.{ctx.name}.parent must name the stage whose U-Net is evaluated")
   section = ctx.section

@@ -27,6 +27,7 @@ import numpy as np
 
 from dreamlite_jax.diffusion import flow
 from dreamlite_jax.diffusion import sampling
+from dreamlite_jax.training import mesh as mesh_lib
 
 # predict_fn(params, canvas [B, H, 2W, C], timestep [B], cond) -> [B, H, 2W, C]
 PredictFn = Callable[[Any, jax.Array, jax.Array, dict], jax.Array]
@@ -218,7 +219,6 @@ def update(step_fn: Callable, state: Any, rows: dict, num_minibatches: int, mesh
   params already moved, which is where the ratio clip acts.
   Returns (state, per-minibatch metrics as floats).
   """
-  from dreamlite_jax.training import mesh as mesh_lib
   n = len(rows["sigma"])
   if n % num_minibatches or (n // num_minibatches) % block:
     raise ValueError(f"{n} rows do not split into {num_minibatches} minibatches of whole "

@@ -24,8 +24,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dreamlite_jax import stages
+from data_pipelines import shapes
 from dreamlite_jax.eval import shapes_eval
+from dreamlite_jax.preemption import raise_if_preempted
 from dreamlite_jax.training import checkpoints
 from dreamlite_jax.training import metrics as metrics_lib
 from dreamlite_jax.training import trainer
@@ -102,7 +103,7 @@ def run_stage(ctx) -> dict:
   init = lambda rng: vae.init(rng, jnp.zeros((1, size, size, 3)))["params"]
   data = ImageBatches(images, config.train.batch_size, config.seed, int(config.data.crop_size))
   result = trainer.train(config, ctx.workdir, loss_fn, data, init)
-  stages.raise_if_preempted(result, ctx.name)
+  raise_if_preempted(result, ctx.name)
   params = checkpoints.as_numpy(result.state.ema_params)
   examples = _eval_images(size)
   x = np.stack([e["image"] for e in examples]).astype(np.float32) / 127.5 - 1.0
@@ -123,6 +124,5 @@ def run_stage(ctx) -> dict:
 
 
 def _eval_images(size: int) -> list[dict]:
-  from data_pipelines import shapes
   return [shapes.make_t2i_example("train", shapes.T2I_CATEGORIES[i % 6], shapes.EVAL_SEED, i, size)
           for i in range(96)]
