@@ -1,18 +1,24 @@
-"""Checkpoint -> the four static-shape `.tflite` files and `manifest.json` a phone app needs.
+"""A model -> the four static-shape `.tflite` files and `manifest.json` a phone app needs.
+
+The model is any `dreamlite_jax.model_ref` names: a training run, a job's stage
+directory, or a diffusers DreamLite folder (the release), which exports from the folder
+alone: U-Net, VAE, Qwen3-VL text stack, its tokenizer (copied as `tokenizer.json`) and
+its scheduler's sigma shift.
 
 Every file passes two gates before it is written: `gpu_check` (zero findings:
 the GPU delegate takes every op) and `numerics` (TFLite vs the JAX function on
 random inputs and on real inputs chained through the pipeline: a tokenised
 prompt, its text features, a VAE-encoded image). A failing gate fails the export.
 
-  python -m converters.export --checkpoint DIR --config experiments/X.py --out DIR \
-      [--precision fp32|fp16] [--size 1024]
+  python -m converters.export --model DIR --out DIR [--precision fp32|fp16] [--size 1024]
+  python -m converters.export --checkpoint RUN --config experiments/X.py --out DIR
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import functools
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -26,6 +32,7 @@ from converters import components, gpu_check, litert, numerics
 from converters.components import Component
 from converters.jax_to_tflite import PRECISIONS, convert_jax_function, output_specs
 from converters.manifest import MANIFEST_FORMAT, sha256_file, write_manifest
+from dreamlite_jax import model_ref
 from dreamlite_jax import pipeline as pipeline_lib
 from dreamlite_jax.config import load_config
 from dreamlite_jax.diffusion import flow
@@ -52,16 +59,21 @@ class DeployModels:
   text_len: int = 128  # U-Net text length after dropping the template prefix
   latent_scaling: float = 1.0
   latent_shift: float = 0.0
+  shift: flow.ShiftConfig = flow.ShiftConfig()  # the student schedule's sigma shift
 
   @classmethod
   def from_pipeline(cls, pipe) -> 'DeployModels':
-    """From a `dreamlite_jax.pipeline.Pipeline` (its text encoder's static text length)."""
+    """From a `dreamlite_jax.pipeline.Pipeline` (its text encoder's static text length).
+
+    The vision tower is not exported (the app edits from the instruction alone), so a
+    pipeline whose edit length holds image tokens exports at its generate length.
+    """
     te = pipe.text_encoder
-    if te.edit_text_length != te.text_length:
+    if te.edit_text_length != te.text_length and te.config.vision is None:
       raise ValueError(f'the phone U-Net has one text length; the pipeline uses '
                        f'{te.text_length} (generate) and {te.edit_text_length} (edit)')
     return cls(pipe.unet, pipe.unet_params, pipe.vae, pipe.vae_params, te.model, te.params,
-               text_len=te.text_length)
+               text_len=te.text_length, shift=pipe.shift)
 
 
 def export_component(component: Component, gate_inputs: list[dict[str, np.ndarray]],
@@ -160,7 +172,7 @@ def export_all(models: DeployModels, out_dir: str | Path, precision: str = 'fp32
   h, w = height // vae_scale, width // vae_scale
   rng = np.random.default_rng(seed)
   seq_len = max(prompts.GENERATE_DROP, prompts.EDIT_DROP) + models.text_len
-  sigmas = flow.schedule_for_size(STUDENT_STEPS, height, width, vae_scale=vae_scale)
+  sigmas = flow.schedule_for_size(STUDENT_STEPS, height, width, models.shift, vae_scale=vae_scale)
   timesteps = flow.timesteps_from_sigmas(sigmas)
   entries = {}
 
@@ -216,6 +228,12 @@ def export_all(models: DeployModels, out_dir: str | Path, precision: str = 'fp32
 
   manifest = build_manifest(models, entries, [p.name for p in parts], table_path, precision,
                             (height, width), seq_len, sigmas, timesteps, tokenizer)
+  source = getattr(tokenizer, 'path', None)
+  if source and str(source).endswith('.json'):
+    # The app tokenises with the model's own tokenizer (the release ships one).
+    copied = out_dir / 'tokenizer.json'
+    shutil.copyfile(source, copied)
+    manifest['text']['tokenizer_file'] = {'file': copied.name, 'sha256': sha256_file(copied)}
   log(f'wrote {write_manifest(out_dir, manifest)}')
   return manifest
 
@@ -279,17 +297,25 @@ def _config_field(config, dotted: str):
 
 def main(argv: list[str] | None = None) -> dict:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument('--checkpoint', required=True, help='training run workdir (or checkpoints/)')
+  parser.add_argument('--model', '--checkpoint', dest='model', required=True,
+                      help="a training run, a job's stage directory (runs/demo/distill/student) "
+                           'or a diffusers DreamLite folder (the release)')
   parser.add_argument('--config', default=None,
                       help='experiment config; its model.text_encoder.spec and '
                            'model.vae_checkpoint are used unless given below')
-  parser.add_argument('--text-encoder', default=None, help='Qwen3-VL directory or tiny:SEED')
-  parser.add_argument('--vae-checkpoint', default=None, help='run whose params are the VAE')
+  parser.add_argument('--text-encoder', default=None,
+                      help='Qwen3-VL directory or tiny:SEED (default: what the model names)')
+  parser.add_argument('--vae-checkpoint', default=None,
+                      help='VAE run or AutoencoderTiny folder (default: what the model names)')
+  parser.add_argument('--text-length', type=int, default=None,
+                      help="the U-Net's static text length (default: the model's; 128 for a "
+                           'DreamLite folder)')
   parser.add_argument('--step', type=int, default=-1)
   parser.add_argument('--no-ema', action='store_true', help='export the raw params, not the EMA')
   parser.add_argument('--out', required=True, help='output directory')
   parser.add_argument('--precision', choices=PRECISIONS, default='fp32')
-  parser.add_argument('--size', type=int, nargs='+', default=[1024], help='H [W] in pixels')
+  parser.add_argument('--size', type=int, nargs='+', default=None,
+                      help="H [W] in pixels (default: the model's image size, else 1024)")
   parser.add_argument('--time-ids-input', action='store_true',
                       help='keep time_ids as a U-Net input instead of baking in the size')
   args = parser.parse_args(argv)
@@ -298,9 +324,14 @@ def main(argv: list[str] | None = None) -> dict:
     config = load_config(args.config)
     text_encoder = text_encoder or _config_field(config, 'model.text_encoder.spec')
     vae_checkpoint = vae_checkpoint or _config_field(config, 'model.vae_checkpoint')
-  pipe = pipeline_lib.load_pipeline(args.checkpoint, text_encoder=text_encoder,
+  model_ref.log_to_console()
+  model = args.model
+  if args.size is None:
+    model = model_ref.resolve(args.model, step=args.step)
+    args.size = [model.image_size or 1024]
+  pipe = pipeline_lib.load_pipeline(model, text_encoder=text_encoder,
                                     vae_checkpoint=vae_checkpoint, step=args.step,
-                                    ema=not args.no_ema)
+                                    ema=not args.no_ema, text_length=args.text_length)
   size = (args.size[0], args.size[-1])
   if size[0] % pipe.size_multiple or size[1] % pipe.size_multiple:
     parser.error(f'--size {size} must be multiples of {pipe.size_multiple}')

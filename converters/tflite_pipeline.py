@@ -1,7 +1,8 @@
 """A reference phone app in Python: generate and edit with the exported `.tflite` files only.
 
 It does exactly what an Android app would, reading everything from
-`manifest.json`: tokenise the templated prompt, look the ids up in the exported
+`manifest.json`: tokenise the templated prompt (with the exported `tokenizer.json`
+when the export has one, else the offline Qwen tokenizer: the same ids), look the ids up in the exported
 embedding table, run the text encoder part(s), keep the features after the
 template prefix, run the U-Net `num_steps` times with Euler updates on the
 target half, and decode with the VAE decoder (edit: encode the source first).
@@ -58,6 +59,9 @@ class TFLitePipeline:
         for name, entry in self.manifest['models'].items()}
     text = self.manifest['text']
     self.table = np.load(self.dir / text['embedding_table']['file'], mmap_mode='r')
+    if tokenizer is None and 'tokenizer_file' in text:
+      # The model's own tokenizer, exported beside the models (e.g. the release's).
+      tokenizer = load_tokenizer(str(self.dir / text['tokenizer_file']['file']))
     self.tokenizer = tokenizer or load_tokenizer()
     if self.tokenizer.pad_id != text['pad_id']:
       raise ValueError(f'tokenizer pad id {self.tokenizer.pad_id} != manifest {text["pad_id"]}')

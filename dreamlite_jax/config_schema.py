@@ -66,6 +66,12 @@ _FIELDS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "init_from.workdir": (lambda v: isinstance(v, str), "must be a path string ('' = scratch)"),
     "init_from.step": (lambda v: _is_int(v) and v >= -1, "must be an int >= -1 (-1 = latest)"),
     "init_from.ema_as_params": (lambda v: isinstance(v, bool), "must be a bool"),
+    "init_from.model": (lambda v: isinstance(v, str),
+                        "must be a path string: a training run, a job's stage directory or a "
+                        "diffusers DreamLite folder ('' = none)"),
+    "init_from_model": (lambda v: isinstance(v, str),
+                        "must be a path string: a training run, a job's stage directory or a "
+                        "diffusers DreamLite folder ('' = none)"),
     "init_from_ema": (lambda v: isinstance(v, bool), "must be a bool"),
     "data.t2i_weight": (lambda v: _is_num(v) and v >= 0, "must be >= 0"),
     "data.edit_weight": (lambda v: _is_num(v) and v >= 0, "must be >= 0"),
@@ -94,7 +100,7 @@ TRAIN_FIELDS = tuple(
                            "sample_with_ema", "progress_bar"))
 TRAINER_FIELDS = ("seed",) + TRAIN_FIELDS + (
     "mesh.data", "mesh.fsdp", "mesh.tensor", "mesh.max_replicated_fraction",
-    "init_from.workdir", "init_from.step", "init_from.ema_as_params")
+    "init_from.workdir", "init_from.step", "init_from.ema_as_params", "init_from.model")
 
 # The file `python -m data_pipelines.build_cache` writes last into each `<root>/<side>/`
 # sub-cache: where it exists, that sub-cache is complete.

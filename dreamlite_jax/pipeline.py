@@ -3,14 +3,15 @@
 A `Pipeline` holds the three frozen parts and their params: the text encoder
 (`TextEncoder`, Qwen3-VL plus DreamLite's templates), the U-Net and the VAE. It
 can be built from in-memory params (tests, the trainer's periodic samples) or
-from a training run's checkpoint (`load_pipeline`). Sampling follows
+from any model `dreamlite_jax.model_ref` names (`load_pipeline`): a training run,
+a job's stage directory, or a diffusers DreamLite folder such as the release. Sampling follows
 `DreamLitePipeline`: shifted flow-matching sigmas, Euler steps, text CFG for
 generation and dual (text + image) guidance for editing; `guidance=None` gives
 the CFG-free few-step sampler of distilled (mobile) checkpoints.
 
-CLI:
-  python -m dreamlite_jax.pipeline generate --checkpoint DIR --prompt "a red circle" --out a.png
-  python -m dreamlite_jax.pipeline edit --checkpoint DIR --image in.png --instruction "make it blue" --out b.png
+CLI (`--model` and `--checkpoint` are the same option):
+  python -m dreamlite_jax.pipeline generate --model DIR --prompt "a red circle" --out a.png
+  python -m dreamlite_jax.pipeline edit --model DIR --image in.png --instruction "make it blue" --out b.png
 """
 from __future__ import annotations
 
@@ -25,16 +26,15 @@ from typing import Any, Callable, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-import orbax.checkpoint as ocp
 from PIL import Image
 
+from dreamlite_jax import model_ref
 from dreamlite_jax.diffusion import flow
 from dreamlite_jax.diffusion import sampling
-from dreamlite_jax.models.qwen3_vl import Qwen3VLConfig
-from dreamlite_jax.models.text_conditioning import TextEncoder
-from dreamlite_jax.models.unet import DreamLiteUNet, UNetConfig
-from dreamlite_jax.models.vae import TinyAutoencoder, VAEConfig
-from dreamlite_jax.training import checkpoints
+# Part of this module's API (shared_models and build_cache build encoders through it).
+from dreamlite_jax.model_ref import build_text_encoder, read_run_config  # noqa: F401
+from dreamlite_jax.models.unet import DreamLiteUNet
+from dreamlite_jax.models.vae import TinyAutoencoder
 
 ImageLike = Image.Image | np.ndarray
 
@@ -142,10 +142,16 @@ class Pipeline:
       raise ValueError(f"image size {size[0]}x{size[1]} must be positive multiples of "
                        f"{self.size_multiple}")
 
-  def _noise(self, seed: int, batch: int, size: tuple[int, int]) -> jax.Array:
+  def _noise(self, seed: int, batch: int, size: tuple[int, int], noise=None) -> jax.Array:
+    shape = (size[0] // self.vae_scale, size[1] // self.vae_scale, 4)
+    if noise is not None:
+      noise = jnp.asarray(noise, jnp.float32)
+      if noise.shape != (batch, *shape):
+        raise ValueError(f"noise must be [{batch}, {shape[0]}, {shape[1]}, 4] for {batch} "
+                         f"image(s) of {size[0]}x{size[1]}, got {tuple(noise.shape)}")
+      return noise
     # One key per image index, so image i depends only on (seed, i), not on the batch size.
     key = jax.random.PRNGKey(seed)
-    shape = (size[0] // self.vae_scale, size[1] // self.vae_scale, 4)
     return jnp.stack([jax.random.normal(jax.random.fold_in(key, i), shape) for i in range(batch)])
 
   @staticmethod
@@ -185,7 +191,7 @@ class Pipeline:
 
   def generate(self, prompts: str | Sequence[str], seed: int = 0, steps: int = 28,
                guidance: float | None = 3.5, size: int | Sequence[int] = 1024,
-               output: str = "pil"):
+               output: str = "pil", noise=None):
     """Text-to-image.
 
     Args:
@@ -195,6 +201,8 @@ class Pipeline:
       guidance: text CFG scale; None = no CFG (distilled checkpoints).
       size: int or (height, width) in pixels.
       output: "pil" (list of PIL images), "np" (uint8 [B, H, W, 3]) or "latent".
+      noise: initial latents [B, H/vae_scale, W/vae_scale, 4] instead of the seed's (e.g.
+        another implementation's, to compare with it).
     """
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     if not prompts:
@@ -206,14 +214,14 @@ class Pipeline:
     uncond = None
     if guidance is not None:
       uncond = self._cond(*self.text_encoder.encode_generate_unconditional(b), size)
-    noise = self._noise(seed, b, size)
+    noise = self._noise(seed, b, size, noise)
     latents = self.denoise(noise, jnp.zeros_like(noise), cond, uncond, steps, guidance, None)
     return self._finish(latents, output)
 
   def edit(self, images: ImageLike | Sequence[ImageLike], instructions: str | Sequence[str],
            seed: int = 0, steps: int = 28, guidance: float | None = 3.5,
            image_guidance: float | None = 1.0, size: int | Sequence[int] | None = None,
-           output: str = "pil"):
+           output: str = "pil", noise=None):
     """Instruction-based editing of source images.
 
     Args:
@@ -256,7 +264,7 @@ class Pipeline:
       # g_img = 1: u + g (v_text - v_img) + (v_img - u) = v_img + g (v_text - v_img), i.e.
       # text CFG whose negative branch keeps the source: two network branches, not three.
       image_guidance = None
-    noise = self._noise(seed, b, size)
+    noise = self._noise(seed, b, size, noise)
     latents = self.denoise(noise, source, cond, uncond, steps, guidance, image_guidance)
     return self._finish(latents, output)
 
@@ -305,73 +313,30 @@ def make_sample_fn(pipe: Pipeline, prompts: Sequence[str], seed: int = 0, steps:
 # ---------------------------------------------------------------- loading
 
 
-def read_run_config(checkpoint_dir: str, step: int = -1) -> dict:
-  """The run config (JSON dict) stored with a training checkpoint (`config` item)."""
-  directory = checkpoints._resolve_checkpoints(checkpoint_dir)
-  if not os.path.isdir(directory):
-    raise FileNotFoundError(f"checkpoint directory not found: {checkpoint_dir}")
-  options = ocp.CheckpointManagerOptions(read_only=True)
-  with ocp.CheckpointManager(directory, options=options, item_names=("config",)) as manager:
-    step = manager.latest_step() if step < 0 else step
-    if step is None or step not in manager.all_steps():
-      raise FileNotFoundError(f"{directory}: no checkpoint step {step}")
-    return dict(manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"])
+def load_pipeline(model: "str | model_ref.ModelRef", *, text_encoder: Any = None, vae_checkpoint: str | None = None,
+                  step: int = -1, ema: bool = True, text_length: int | None = None,
+                  log: Callable[[str], None] | None = None) -> Pipeline:
+  """A pipeline from any model `dreamlite_jax.model_ref.resolve` names.
 
-
-def _section(config: dict, dotted: str) -> Any:
-  node = config
-  for part in dotted.split("."):
-    if not isinstance(node, dict) or part not in node:
-      return None
-    node = node[part]
-  return node
-
-
-def build_text_encoder(spec: str, text_length: int = 128) -> Any:
-  """`spec` = a local Qwen3-VL checkpoint directory, or `tiny:SEED` (random tiny encoder)."""
-  if spec.startswith("tiny:"):
-    try:
-      seed = int(spec.split(":", 1)[1])
-    except ValueError as e:
-      raise ValueError(f"text encoder spec {spec!r}: expected tiny:<int seed>") from e
-    return TextEncoder.random(Qwen3VLConfig.tiny(), seed=seed, text_length=text_length)
-  if not os.path.isdir(spec):
-    raise FileNotFoundError(f"text encoder directory not found: {spec} (or use tiny:SEED)")
-  return TextEncoder.from_pretrained(spec, text_length=text_length)
-
-
-def load_pipeline(checkpoint_dir: str, *, text_encoder: Any = None, vae_checkpoint: str | None = None,
-                  step: int = -1, ema: bool = True) -> Pipeline:
-  """A pipeline from a training run's checkpoint.
-
-  The run config must hold `model.unet` (UNetConfig fields) and `model.vae`
-  (VAEConfig fields); the U-Net params (EMA by default) come from the checkpoint.
-  The VAE params come from `vae_checkpoint` (a run whose params are the VAE's),
-  else from the run config's `model.vae_checkpoint`. The text encoder is
-  `text_encoder` (a TextEncoder or a `build_text_encoder` spec), else the run
-  config's `model.text_encoder.spec` (with `model.text_encoder.text_length`).
+  `model` (a path, or the `ModelRef` `model_ref.resolve` made of one): a training run (its
+  run config holds `model.unet`, `model.vae` and names the
+  VAE and text encoder), a job's stage directory (what its run config leaves open comes
+  from the job's records: e.g. the job's own VAE stage), or a diffusers DreamLite folder
+  (U-Net, VAE, Qwen3-VL, tokenizer and sigma shift from its sub-folders).
+  The U-Net params of a run are its EMA (`ema=False`: the raw params) at `step`.
+  `vae_checkpoint` (a VAE run or an `AutoencoderTiny` folder) and `text_encoder` (a
+  `TextEncoder`, or a `build_text_encoder` spec) override what the model names;
+  `text_length` the generate text length. `log` gets what was found and assumed
+  (default: the `dreamlite_jax.model_ref` logger).
   """
-  config = read_run_config(checkpoint_dir, step)
-  unet_fields, vae_fields = _section(config, "model.unet"), _section(config, "model.vae")
-  if unet_fields is None or vae_fields is None:
-    raise KeyError(f"{checkpoint_dir}: the run config has no model.unet / model.vae section")
-  unet_config, vae_config = UNetConfig.from_dict(unet_fields), VAEConfig(**vae_fields)
-  vae_checkpoint = vae_checkpoint or _section(config, "model.vae_checkpoint")
-  if not vae_checkpoint:
-    raise ValueError(f"{checkpoint_dir}: no VAE weights: pass vae_checkpoint (--vae-checkpoint) "
-                     f"or set model.vae_checkpoint in the run config")
+  ref = model if isinstance(model, model_ref.ModelRef) else model_ref.resolve(model, step, log)
+  unet_config, unet_params = ref.unet(ema=ema)
+  vae_config, vae_params = ref.vae(vae_checkpoint)
   if text_encoder is None or isinstance(text_encoder, str):
-    spec = text_encoder or _section(config, "model.text_encoder.spec")
-    if not spec:
-      raise ValueError(f"{checkpoint_dir}: no text encoder: pass text_encoder (--text-encoder) or "
-                       f"set model.text_encoder.spec in the run config")
-    length = _section(config, "model.text_encoder.text_length") or 128
-    text_encoder = build_text_encoder(spec, int(length))
-  unet_params = checkpoints.load_params(checkpoint_dir, step=step, ema=ema)
-  vae_params = checkpoints.load_params(vae_checkpoint, ema=ema)
+    text_encoder = ref.text_encoder(text_encoder, text_length)
   vae_scale = vae_config.downsample_factor
   return Pipeline(text_encoder, DreamLiteUNet(unet_config), unet_params,
-                  TinyAutoencoder(vae_config), vae_params,
+                  TinyAutoencoder(vae_config), vae_params, shift=ref.shift,
                   size_multiple=vae_scale * unet_config.downsample_factor, vae_scale=vae_scale)
 
 
@@ -383,9 +348,13 @@ def _parser() -> argparse.ArgumentParser:
   sub = parser.add_subparsers(dest="command", required=True)
   for name in ("generate", "edit"):
     p = sub.add_parser(name)
-    p.add_argument("--checkpoint", required=True, help="training run workdir (or its checkpoints/)")
-    p.add_argument("--vae-checkpoint", default=None, help="run whose params are the VAE")
-    p.add_argument("--text-encoder", default=None, help="Qwen3-VL directory or tiny:SEED")
+    p.add_argument("--model", "--checkpoint", dest="model", required=True,
+                   help="a training run, a job's stage directory (runs/demo/distill/student) or "
+                        "a diffusers DreamLite folder")
+    p.add_argument("--vae-checkpoint", default=None,
+                   help="VAE run or AutoencoderTiny folder (default: what the model names)")
+    p.add_argument("--text-encoder", default=None,
+                   help="Qwen3-VL directory or tiny:SEED (default: what the model names)")
     p.add_argument("--step", type=int, default=-1)
     p.add_argument("--no-ema", action="store_true", help="use the raw params, not the EMA")
     p.add_argument("--out", required=True, help="output PNG (index suffix added for several)")
@@ -413,7 +382,8 @@ def main(argv: Sequence[str] | None = None,
          loader: Callable[..., Pipeline] = load_pipeline) -> list[str]:
   """Runs the CLI; returns the written paths. `loader` builds the Pipeline."""
   args = _parser().parse_args(argv)
-  pipe = loader(args.checkpoint, text_encoder=args.text_encoder,
+  model_ref.log_to_console()
+  pipe = loader(args.model, text_encoder=args.text_encoder,
                 vae_checkpoint=args.vae_checkpoint, step=args.step, ema=not args.no_ema)
   guidance = args.guidance if args.guidance > 0 else None
   size = None if args.size is None else (args.size[0], args.size[-1])

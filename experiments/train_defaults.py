@@ -47,8 +47,15 @@ def mesh_config(data: int = -1, fsdp: int = 1, tensor: int = 1,
                                         max_replicated_fraction=max_replicated_fraction))
 
 
-def init_from_config(workdir: str = "", step: int = -1,
-                     ema_as_params: bool = False) -> ml_collections.ConfigDict:
-  """`config.init_from`: the previous stage's workdir ('' = start from scratch),
-  its step (-1 = latest), and whether to start the params from its EMA."""
-  return ml_collections.ConfigDict(dict(workdir=workdir, step=step, ema_as_params=ema_as_params))
+def init_from_config(workdir: str = "", step: int = -1, ema_as_params: bool = False,
+                     model: str = "") -> ml_collections.ConfigDict:
+  """`config.init_from`: where a stage's first state comes from ('' and '' = scratch).
+
+  `workdir`: the previous stage's directory (the job sets it from `parent`); `model`:
+  any model to start from instead: a training run, a job's stage directory, or a
+  diffusers DreamLite folder such as the release (U-Net params and EMA from it, fresh
+  optimiser); at most one of the two. `step`: the run's step (-1 = latest);
+  `ema_as_params`: start the params from its EMA.
+  """
+  return ml_collections.ConfigDict(dict(workdir=workdir, step=step, ema_as_params=ema_as_params,
+                                        model=model))

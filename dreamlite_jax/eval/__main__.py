@@ -1,4 +1,8 @@
-"""Evaluate a checkpoint: `python -m dreamlite_jax.eval --checkpoint DIR --suite ... --out DIR`.
+"""Evaluate a model: `python -m dreamlite_jax.eval --checkpoint DIR --suite ... --out DIR`.
+
+DIR is any model `dreamlite_jax.model_ref` names: a training run, a job's stage
+directory (`runs/demo/distill/student`: the job's VAE, text encoder and image size come
+from its records), or a diffusers DreamLite folder (evaluated at its own image size).
 
 Suites:
   shapes   exact scores on the synthetic shapes world (`shapes_stage.evaluate`),
@@ -18,6 +22,7 @@ from typing import Sequence
 import ml_collections
 
 from data_pipelines import shapes
+from dreamlite_jax import model_ref
 from dreamlite_jax import pipeline as pipeline_lib
 from dreamlite_jax.eval import geneval_export, imgedit_export, report
 from dreamlite_jax.eval import shapes_stage
@@ -25,24 +30,31 @@ from dreamlite_jax.eval import shapes_stage
 
 def _parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(prog="python -m dreamlite_jax.eval", description=__doc__.split("\n")[0])
-  p.add_argument("--checkpoint", required=True, help="training run directory (U-Net checkpoint)")
+  p.add_argument("--checkpoint", "--model", dest="checkpoint", required=True,
+                 help="a training run, a job's stage directory (runs/demo/distill/student) or a "
+                      "diffusers DreamLite folder")
   p.add_argument("--suite", required=True, choices=("shapes", "geneval", "imgedit"))
   p.add_argument("--out", required=True, help="output directory")
   p.add_argument("--metadata", help="GenEval evaluation_metadata.jsonl (suite geneval)")
   p.add_argument("--manifest", help="ImgEdit manifest JSON (suite imgedit)")
   p.add_argument("--images", help="ImgEdit image folder (suite imgedit)")
   p.add_argument("--n", type=int, default=4, help="samples per prompt (geneval)")
-  p.add_argument("--steps", type=int, default=28)
-  p.add_argument("--guidance", type=float, default=3.5, help="CFG scale; 0 = none (distilled)")
+  p.add_argument("--steps", type=int, default=None,
+                 help="Euler steps (default: the model's: 28, a distilled student's 4)")
+  p.add_argument("--guidance", type=float, default=None,
+                 help="CFG scale; 0 = none (default: 3.5, none for a distilled student)")
   p.add_argument("--image-guidance", type=float, default=1.0, help="edit image guidance")
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--size", type=int, default=None,
-                 help="image size (default: run config data.image_size, else 1024; shapes: 64)")
+                 help="image size (default: the model's: its run or job config's data.image_size, "
+                      "a DreamLite folder's native size; else 1024, shapes: 64)")
   p.add_argument("--batch-size", type=int, default=8)
   p.add_argument("--per-category", type=int, default=16, help="shapes prompts per T2I category")
   p.add_argument("--per-type", type=int, default=8, help="shapes edits per edit type")
-  p.add_argument("--text-encoder", default=None, help="text encoder spec (default: run config)")
-  p.add_argument("--vae-checkpoint", default=None, help="VAE run (default: run config)")
+  p.add_argument("--text-encoder", default=None,
+                 help="Qwen3-VL folder or tiny:SEED (default: what the model names)")
+  p.add_argument("--vae-checkpoint", default=None,
+                 help="VAE run or AutoencoderTiny folder (default: what the model names)")
   p.add_argument("--step", type=int, default=-1)
   p.add_argument("--no-ema", action="store_true", help="use the raw (non-EMA) U-Net params")
   return p
@@ -53,14 +65,8 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
     parser.error("--suite geneval needs --metadata PATH")
   if args.suite == "imgedit" and not (args.manifest and args.images):
     parser.error("--suite imgedit needs --manifest PATH and --images DIR")
-  if args.n < 1 or args.steps < 1 or args.batch_size < 1:
+  if args.n < 1 or (args.steps is not None and args.steps < 1) or args.batch_size < 1:
     parser.error("--n, --steps and --batch-size must be >= 1")
-
-
-def _image_size(checkpoint: str, step: int, default: int) -> int:
-  config = pipeline_lib.read_run_config(checkpoint, step)
-  size = pipeline_lib._section(config, "data.image_size")
-  return int(size) if size else default
 
 
 def run_shapes(pipe, args: argparse.Namespace, size: int) -> tuple[dict, list[str]]:
@@ -82,18 +88,24 @@ def main(argv: Sequence[str] | None = None) -> dict:
   parser = _parser()
   args = parser.parse_args(argv)
   _check_args(parser, args)
-  pipe = pipeline_lib.load_pipeline(args.checkpoint, text_encoder=args.text_encoder,
+  model_ref.log_to_console()
+  ref = model_ref.resolve(args.checkpoint, step=args.step)
+  pipe = pipeline_lib.load_pipeline(ref, text_encoder=args.text_encoder,
                                     vae_checkpoint=args.vae_checkpoint, step=args.step,
                                     ema=not args.no_ema)
+  if args.steps is None:
+    args.steps = ref.steps
+  if args.guidance is None:
+    args.guidance = ref.guidance or 0.0
   guidance = args.guidance or None
   image_guidance = (args.image_guidance or None) if guidance else None
   os.makedirs(args.out, exist_ok=True)
   grids: list[str] = []
   if args.suite == "shapes":
-    size = args.size or _image_size(args.checkpoint, args.step, 64)
+    size = args.size or ref.image_size or 64
     scores, grids = run_shapes(pipe, args, size)
   elif args.suite == "geneval":
-    size = args.size or _image_size(args.checkpoint, args.step, 1024)
+    size = args.size or ref.image_size or 1024
     def generate(prompts, seed):
       return pipe.generate(list(prompts), seed=seed, steps=args.steps, guidance=guidance,
                            size=size, output="np")
@@ -101,6 +113,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
                                    n=args.n, seed=args.seed, batch_size=args.batch_size,
                                    progress=True)
   else:
+    size = args.size
     def edit(images, instructions, seed):
       return pipe.edit(list(images), list(instructions), seed=seed, steps=args.steps,
                        guidance=guidance, image_guidance=image_guidance, size=args.size,
@@ -109,8 +122,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
                                     edit, seed=args.seed, progress=True)
     scores = {k: summary[k] for k in ("items", "edited", "skipped", "failed")}
     scores["failed_by_reason"] = summary["failed_by_reason"]
-  details = {"checkpoint": args.checkpoint, "suite": args.suite, "steps": args.steps,
-             "guidance": guidance, "seed": args.seed}
+  details = {"checkpoint": args.checkpoint, "model": ref.kind, "suite": args.suite,
+             "size": size or "the sources' own", "steps": args.steps, "guidance": guidance,
+             "seed": args.seed}
   paths = report.write_report(args.out, scores, f"{args.suite} evaluation", grids, details)
   print(f"wrote {paths['report']}", flush=True)
   return scores

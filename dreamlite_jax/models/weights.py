@@ -6,22 +6,34 @@ rules, not a table. Kernels change layout (Dense `[in, out]` <-> `[out, in]`,
 Conv HWIO <-> OIHW); norm `scale` is torch's `weight`.
 
 Loading is strict: every missing, unexpected and mis-shaped tensor is listed in
-one `WeightsMismatchError`. Only safetensors are read (no pickle).
+one `WeightsMismatchError`. Only safetensors are read (no pickle), in any float
+dtype the file holds (fp32, fp16, bf16); params are made in the dtype asked for.
+
+Loading a folder (`load_unet_dir`, `load_vae_dir`, `load_dreamlite_dir`) reports
+through `log` (default: this module's logger at INFO) what it found where it is not
+what our code writes: the weight dtypes and files it read, config fields it did not
+find and the value it assumed (e.g. `ff_mult` from the weight shapes), scheduler
+settings, and files of the folder it does not use.
 """
 from __future__ import annotations
 
+import collections
 import json
+import logging
 import os
 import re
-from typing import Any, Mapping
+import struct
+from typing import Any, Callable, Mapping
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 from flax import traverse_util
-from safetensors.numpy import load_file, save_file
+from safetensors.numpy import save_file
 
+from dreamlite_jax.diffusion import flow
 from dreamlite_jax.models.unet import DreamLiteUNet, UNetConfig
 from dreamlite_jax.models.vae import TinyAutoencoder, VAEConfig
 
@@ -31,6 +43,9 @@ _LIST_RE = re.compile(r"^(%s)_(\d+)$" % "|".join(_LIST_NAMES))
 _SEGMENT_RENAMES = {"to_out": "to_out.0", "encoder_hid_proj": "encoder_hid_proj.0",
                     "encoder_hid_norm": "encoder_hid_proj.1"}
 _FF_RENAMES = {"proj_in": "net.0.proj", "proj_out": "net.2"}
+
+logger = logging.getLogger(__name__)
+Log = Callable[[str], None]
 
 
 class WeightsMismatchError(ValueError):
@@ -111,6 +126,36 @@ def params_from_state_dict(state_dict: Mapping[str, Any], abstract_params, sourc
   return traverse_util.unflatten_dict(out)
 
 
+_SAFETENSORS_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16,
+                       "BF16": ml_dtypes.bfloat16, "I64": np.int64, "I32": np.int32,
+                       "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
+
+
+def read_safetensors(path: str) -> tuple[dict[str, np.ndarray], dict[str, int]]:
+  """Every tensor of a `.safetensors` file, in its stored dtype (bf16 included, which
+  `safetensors.numpy` cannot read), and `{dtype name: tensor count}`."""
+  with open(path, "rb") as f:
+    data = f.read()
+  try:
+    (n,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8:8 + n])
+  except (struct.error, ValueError) as e:
+    raise ValueError(f"{path} is not a safetensors file: {e}") from None
+  tensors, dtypes = {}, collections.Counter()
+  base = 8 + n
+  for name, info in header.items():
+    if name == "__metadata__":
+      continue
+    dtype = _SAFETENSORS_DTYPES.get(info["dtype"])
+    if dtype is None:
+      raise ValueError(f"{path}: tensor {name} has dtype {info['dtype']}, which is not supported")
+    start, end = info["data_offsets"]
+    tensors[name] = np.frombuffer(data, dtype, count=(end - start) // np.dtype(dtype).itemsize,
+                                  offset=base + start).reshape(info["shape"])
+    dtypes[np.dtype(dtype).name] += 1
+  return tensors, dict(dtypes)
+
+
 def save_safetensors(params, path: str) -> None:
   """Writes params in diffusers naming and torch layout (loadable by diffusers)."""
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -123,7 +168,7 @@ def load_safetensors(path: str, abstract_params, dtype=jnp.float32):
     raise FileNotFoundError(f"weight file not found: {path}")
   if not path.endswith(".safetensors"):
     raise ValueError(f"{path}: only .safetensors weights are loaded (no pickle)")
-  return params_from_state_dict(load_file(path), abstract_params, source=path, dtype=dtype)
+  return params_from_state_dict(read_safetensors(path)[0], abstract_params, source=path, dtype=dtype)
 
 
 # ----------------------------------------------------------------------------- shapes
@@ -174,18 +219,58 @@ def _per_level(value, n):
   return tuple(value) if isinstance(value, (list, tuple)) else (value,) * n
 
 
-def unet_config_from_diffusers(cfg: Mapping[str, Any], state_dict: Mapping[str, Any] | None = None) -> UNetConfig:
+# Fields of `DreamLiteUNetModel`'s config.json we read, with the value its constructor
+# takes when the file omits one (what diffusers would build).
+_UNET_DEFAULTS = {"in_channels": 4, "out_channels": 4, "layers_per_block": 2,
+                  "attention_head_dim": 8, "transformer_layers_per_block": 1, "num_kv_heads": 1,
+                  "qk_norm": "rms_norm", "use_sep_conv": True, "norm_num_groups": 32,
+                  "norm_eps": 1e-5, "time_embedding_dim": "4 x block_out_channels[0]"}
+# Constructor fields our U-Net has no switch for: each must hold this (diffusers') default.
+_UNET_FIXED = {"center_input_sample": False, "only_cross_attention": False, "downsample_padding": 1,
+               "mid_block_scale_factor": 1, "dual_cross_attention": False, "class_embed_type": None,
+               "num_class_embeds": None, "resnet_time_scale_shift": "default",
+               "resnet_skip_time_act": False, "resnet_out_scale_factor": 1.0,
+               "time_embedding_act_fn": None, "timestep_post_act": None, "time_cond_proj_dim": None,
+               "conv_in_kernel": 3, "conv_out_kernel": 3, "attention_type": "default",
+               "class_embeddings_concat": False, "mid_block_only_cross_attention": None,
+               "num_attention_heads": None, "cross_attention_norm": None}
+# Fields that do not change the network's weights or outputs in float32 (bookkeeping, the
+# default sample size, training-only dropout, fp16 upcasting, a size implied by others).
+_UNET_NOT_READ = {"_class_name", "_diffusers_version", "_name_or_path", "sample_size", "dropout",
+                  "upcast_attention", "projection_class_embeddings_input_dim",
+                  "addition_embed_type_num_heads", "reverse_transformer_layers_per_block",
+                  "num_mid_layers", "block_out_channels", "down_block_types", "up_block_types",
+                  "cross_attention_dim", "encoder_hid_dim", "addition_time_embed_dim", "ff_mult"}
+
+
+def unet_config_from_diffusers(cfg: Mapping[str, Any], state_dict: Mapping[str, Any] | None = None,
+                               log: Log | None = None) -> UNetConfig:
   """`DreamLiteUNetModel` config.json dict -> UNetConfig; fails naming unsupported fields.
 
   `ff_mult` is not always in the released config.json; when absent it is read
-  from the feed-forward weight shapes in `state_dict`.
+  from the feed-forward weight shapes in `state_dict` (else diffusers' default, 6).
+  `log` gets one line per field the dict lacks (with the value assumed) and per
+  field it holds that no DreamLite U-Net reads (ignored).
   """
+  log = log or (lambda message: None)
+  for key, default in _UNET_DEFAULTS.items():
+    if key not in cfg:
+      log(f"unet config.json has no {key}: assumed {default} (DreamLiteUNetModel's default)")
+  for key, want in _UNET_FIXED.items():
+    if cfg.get(key, want) != want:
+      raise ValueError(f"unet config.json: {key}={cfg[key]!r} is not supported (need {want!r})")
   for key, want in _REQUIRED.items():
+    if key not in cfg:
+      log(f"unet config.json has no {key}: assumed {want!r} (DreamLite's)")
     got = cfg.get(key, want)
     if key == "mid_block_type" and got in ("DreamLiteUNetMidBlock2DCrossAttn",):
       continue
     if got != want:
       raise ValueError(f"unet config.json: {key}={got!r} is not supported (need {want!r})")
+  known = set(_UNET_DEFAULTS) | set(_UNET_FIXED) | set(_UNET_NOT_READ) | set(_REQUIRED)
+  unknown = sorted(k for k in cfg if k not in known)
+  if unknown:
+    log(f"unet config.json fields that DreamLiteUNetModel does not take, ignored: {unknown}")
   if cfg.get("num_mid_layers", 1) != 1:
     raise ValueError(f"unet config.json: num_mid_layers={cfg['num_mid_layers']} is not supported (need 1)")
   channels = tuple(cfg["block_out_channels"])
@@ -210,7 +295,11 @@ def unet_config_from_diffusers(cfg: Mapping[str, Any], state_dict: Mapping[str, 
     raise ValueError(f"unet config.json: qk_norm={qk_norm!r} is not supported (rms_norm or null)")
   ff_mult = cfg.get("ff_mult")
   if ff_mult is None:
-    ff_mult = _infer_ff_mult(state_dict, channels) if state_dict is not None else 6
+    inferred = _infer_ff_mult(state_dict) if state_dict is not None else None
+    ff_mult = 6 if inferred is None else inferred
+    log(f"unet config.json has no ff_mult: assumed {ff_mult:g} " + (
+        "(from the feed-forward weight shapes)" if inferred is not None
+        else "(DreamLiteUNetModel's default; no feed-forward weights to read it from)"))
   return UNetConfig(
       in_channels=cfg.get("in_channels", 4), out_channels=cfg.get("out_channels", 4),
       block_out_channels=channels, down_kinds=down, up_kinds=up, layers_per_block=layers_per_block,
@@ -223,12 +312,12 @@ def unet_config_from_diffusers(cfg: Mapping[str, Any], state_dict: Mapping[str, 
       addition_time_embed_dim=cfg["addition_time_embed_dim"])
 
 
-def _infer_ff_mult(state_dict, channels) -> float:
+def _infer_ff_mult(state_dict) -> float | None:
   for key, value in state_dict.items():
     if key.endswith("ff.net.2.weight"):
       dim, inner = np.asarray(value).shape
       return inner / dim
-  return 6.0
+  return None
 
 
 def unet_config_to_diffusers(config: UNetConfig) -> dict:
@@ -273,27 +362,91 @@ def _read_json(path: str) -> dict:
       raise ValueError(f"{path} is not valid JSON: {e}") from None
 
 
-def _weight_file(directory: str) -> str:
-  path = os.path.join(directory, "diffusion_pytorch_model.safetensors")
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f"{directory} has no diffusion_pytorch_model.safetensors "
-                            "(only safetensors weights are supported)")
-  return path
+WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
+_VAE_DEFAULTS = {"in_channels": 3, "latent_channels": 4, "encoder_block_out_channels": "(64,) * 4",
+                 "decoder_block_out_channels": "(64,) * 4", "num_encoder_blocks": "(1, 3, 3, 3)",
+                 "num_decoder_blocks": "(3, 3, 3, 1)", "scaling_factor": 1.0, "shift_factor": 0.0}
 
 
-def load_unet_dir(directory: str, dtype=jnp.float32) -> tuple[UNetConfig, Any]:
-  """Loads `<dir>/config.json` + `diffusion_pytorch_model.safetensors` (diffusers layout)."""
+def _default_log(message: str) -> None:
+  logger.info(message)
+
+
+def _weight_files(directory: str, log: Log) -> list[str]:
+  """The safetensors file(s) of a diffusers model folder: `diffusion_pytorch_model.safetensors`,
+  else the shards its `.safetensors.index.json` lists, else the one variant file
+  (`diffusion_pytorch_model.fp16.safetensors`)."""
+  plain = os.path.join(directory, WEIGHTS_NAME)
+  if os.path.isfile(plain):
+    return [plain]
+  index = plain + ".index.json"
+  if os.path.isfile(index):
+    shards = sorted(set(_read_json(index).get("weight_map", {}).values()))
+    if not shards:
+      raise ValueError(f"{index} lists no weight files")
+    log(f"{directory}: weights sharded over {len(shards)} files ({os.path.basename(index)})")
+    return [os.path.join(directory, f) for f in shards]
+  variants = sorted(f for f in os.listdir(directory) if f.startswith("diffusion_pytorch_model.")
+                    and f.endswith(".safetensors")) if os.path.isdir(directory) else []
+  if len(variants) == 1:
+    log(f"{directory}: no {WEIGHTS_NAME}; read the variant {variants[0]}")
+    return [os.path.join(directory, variants[0])]
+  found = f" (found {variants}; keep one)" if variants else ""
+  raise FileNotFoundError(f"{directory} has no {WEIGHTS_NAME}{found} (only safetensors weights "
+                          "are read)")
+
+
+def read_weight_dir(directory: str, log: Log | None = None) -> dict[str, np.ndarray]:
+  """The state dict of a diffusers model folder, with one line to `log` about its files and
+  dtypes when they are not our single float32 file, and one naming files it does not read."""
+  log = log or _default_log
+  files = _weight_files(directory, log)
+  state_dict, dtypes = {}, collections.Counter()
+  for path in files:
+    if not os.path.isfile(path):
+      raise FileNotFoundError(f"missing weight shard {path}")
+    tensors, counts = read_safetensors(path)
+    state_dict.update(tensors)
+    dtypes.update(counts)
+  if set(dtypes) != {"float32"}:
+    found = ", ".join(f"{n} {d}" for d, n in sorted(dtypes.items()))
+    log(f"{directory}: weights stored as {found}; converted to the model's param dtype")
+  used = {os.path.basename(f) for f in files} | {"config.json", WEIGHTS_NAME + ".index.json"}
+  extra = sorted(f for f in os.listdir(directory) if f not in used)
+  if extra:
+    log(f"{directory}: not read: {extra}")
+  return state_dict
+
+
+def load_unet_dir(directory: str, dtype=jnp.float32, log: Log | None = None,
+                  abstract_params: Any = None) -> tuple[UNetConfig, Any]:
+  """Loads `<dir>/config.json` + `diffusion_pytorch_model.safetensors` (diffusers layout);
+  `log` gets what the folder holds that our code does not write (module docstring).
+
+  The params are shaped like `abstract_params` when given (e.g. a train state's, which
+  then must fit: `WeightsMismatchError` otherwise), else like the folder config's U-Net.
+  """
+  log = log or _default_log
   cfg = _read_json(os.path.join(directory, "config.json"))
-  state_dict = load_file(_weight_file(directory))
-  config = unet_config_from_diffusers(cfg, state_dict)
-  params = params_from_state_dict(state_dict, unet_abstract_params(config), source=directory, dtype=dtype)
+  state_dict = read_weight_dir(directory, log)
+  config = unet_config_from_diffusers(cfg, state_dict, log=lambda m: log(f"{directory}: {m}"))
+  if abstract_params is None:
+    abstract_params = unet_abstract_params(config)
+  params = params_from_state_dict(state_dict, abstract_params, source=directory, dtype=dtype)
   return config, params
 
 
-def load_vae_dir(directory: str, dtype=jnp.float32) -> tuple[VAEConfig, Any]:
+def load_vae_dir(directory: str, dtype=jnp.float32, log: Log | None = None
+                 ) -> tuple[VAEConfig, Any]:
   """Loads an `AutoencoderTiny` directory (config.json + safetensors)."""
-  config = VAEConfig.from_diffusers(_read_json(os.path.join(directory, "config.json")))
-  state_dict = load_file(_weight_file(directory))
+  log = log or _default_log
+  cfg = _read_json(os.path.join(directory, "config.json"))
+  missing = {k: v for k, v in _VAE_DEFAULTS.items() if k not in cfg}
+  if missing:
+    log(f"{directory}/config.json has no " + ", ".join(f"{k} (assumed {v})"
+                                                      for k, v in missing.items()))
+  config = VAEConfig.from_diffusers(cfg)
+  state_dict = read_weight_dir(directory, log)
   params = params_from_state_dict(state_dict, vae_abstract_params(config), source=directory, dtype=dtype)
   return config, params
 
@@ -313,9 +466,127 @@ def save_vae_dir(directory: str, config: VAEConfig, params) -> None:
   save_safetensors(params, os.path.join(directory, "diffusion_pytorch_model.safetensors"))
 
 
-def load_dreamlite_dir(directory: str, dtype=jnp.float32):
-  """A released DreamLite checkpoint in diffusers layout -> `{'unet': (cfg, params), 'vae': (cfg, params)}`."""
-  out = {"unet": load_unet_dir(os.path.join(directory, "unet"), dtype)}
+# ----------------------------------------------------------------------------- DreamLite folders
+
+MODEL_INDEX = "model_index.json"
+PIPELINE_CLASSES = ("DreamLitePipeline", "DreamLiteMobilePipeline")
+# The components a DreamLite folder may hold, and what reads each (the rest is reported unused).
+COMPONENTS = {"unet": "DreamLiteUNetModel", "vae": "AutoencoderTiny",
+              "text_encoder": "Qwen3VLForConditionalGeneration", "tokenizer": "Qwen2Tokenizer",
+              "scheduler": "FlowMatchEulerDiscreteScheduler", "processor": "Qwen3VLProcessor"}
+# FlowMatchEulerDiscreteScheduler settings our sampler does not implement: each must hold this.
+_SCHEDULER_FIXED = {"time_shift_type": "exponential", "shift_terminal": None, "invert_sigmas": False,
+                    "use_karras_sigmas": False, "use_exponential_sigmas": False,
+                    "use_beta_sigmas": False, "stochastic_sampling": False,
+                    "num_train_timesteps": flow.NUM_TRAIN_TIMESTEPS}
+# The scheduler's own defaults (what `from_pretrained` fills in for a missing field).
+_SCHEDULER_DEFAULTS = {"use_dynamic_shifting": False, "base_shift": 0.5, "max_shift": 1.15,
+                       "base_image_seq_len": 256, "max_image_seq_len": 4096, "shift": 1.0}
+
+
+def is_dreamlite_dir(path: str) -> bool:
+  """Whether `path` is a diffusers-format DreamLite folder (`model_index.json` or `unet/`)."""
+  return os.path.isfile(os.path.join(path, MODEL_INDEX)) or os.path.isfile(
+      os.path.join(path, "unet", "config.json"))
+
+
+def is_unet_dir(path: str) -> bool:
+  """Whether `path` is a diffusers U-Net folder (config.json of a `DreamLiteUNetModel`, or
+  without a class name, beside safetensors weights)."""
+  config = os.path.join(path, "config.json")
+  if not os.path.isfile(config) or not any(
+      f.startswith("diffusion_pytorch_model.") and ".safetensors" in f for f in os.listdir(path)):
+    return False
+  return _read_json(config).get("_class_name", "DreamLiteUNetModel") == "DreamLiteUNetModel"
+
+
+def find_unet_dir(path: str) -> str | None:
+  """The U-Net folder a path names: `<path>/unet` of a DreamLite folder, `path` itself when
+  it is a diffusers model folder, else None (e.g. a training run)."""
+  if not os.path.isdir(path):
+    return None
+  if is_dreamlite_dir(path):
+    return os.path.join(path, "unet")
+  return path if is_unet_dir(path) else None
+
+
+def read_model_index(directory: str, log: Log | None = None) -> dict:
+  """`model_index.json` of a DreamLite folder ({} when absent), with one line to `log` per
+  thing our code does not use: another pipeline class, components it does not read,
+  component folders that are missing or unlisted."""
+  log = log or _default_log
+  path = os.path.join(directory, MODEL_INDEX)
+  if not os.path.isfile(path):
+    log(f"{directory}: no {MODEL_INDEX}; components read from its sub-folders")
+    index = {}
+  else:
+    index = _read_json(path)
+    cls = index.get("_class_name")
+    if cls not in PIPELINE_CLASSES:
+      log(f"{path}: _class_name {cls!r} is not one of {PIPELINE_CLASSES}; read as DreamLite")
+  listed = {k: v for k, v in index.items() if not k.startswith("_")}
+  for name, value in sorted(listed.items()):
+    if name not in COMPONENTS:
+      log(f"{path}: component {name!r} ({value}) is not read")
+    elif value in (None, [None, None]) or (isinstance(value, list) and value[0] is None):
+      continue
+    elif not os.path.isdir(os.path.join(directory, name)):
+      log(f"{path}: lists {name!r} but {directory}/{name}/ is missing")
+  extra = sorted(f for f in os.listdir(directory)
+                 if f != MODEL_INDEX and f not in COMPONENTS and not f.startswith("."))
+  if extra:
+    log(f"{directory}: not read: {extra}")
+  if os.path.isdir(os.path.join(directory, "processor")):
+    log(f"{directory}/processor/ is not read: edit sources are resized to the encoder's image "
+        f"size with Lanczos and patchified by our vision tower, as Qwen3VLProcessor does")
+  return index
+
+
+def read_scheduler_dir(directory: str, log: Log | None = None) -> flow.ShiftConfig:
+  """`scheduler/scheduler_config.json` -> the sampler's `ShiftConfig`; fails naming any
+  setting our Euler sampler does not implement, and logs each field it assumed."""
+  log = log or _default_log
+  path = os.path.join(directory, "scheduler_config.json")
+  cfg = _read_json(path)
+  if cfg.get("_class_name", "FlowMatchEulerDiscreteScheduler") != "FlowMatchEulerDiscreteScheduler":
+    raise ValueError(f"{path}: _class_name {cfg['_class_name']!r} is not supported "
+                     f"(need FlowMatchEulerDiscreteScheduler)")
+  for key, want in _SCHEDULER_FIXED.items():
+    if cfg.get(key, want) != want:
+      raise ValueError(f"{path}: {key}={cfg[key]!r} is not supported (need {want!r})")
+  missing = {k: v for k, v in _SCHEDULER_DEFAULTS.items() if k not in cfg}
+  if missing:
+    log(f"{path} has no " + ", ".join(f"{k} (assumed {v!r}, the scheduler's default)"
+                                      for k, v in missing.items()))
+  values = {**_SCHEDULER_DEFAULTS, **{k: cfg[k] for k in _SCHEDULER_DEFAULTS if k in cfg}}
+  shift = flow.ShiftConfig(dynamic=bool(values["use_dynamic_shifting"]),
+                           base_seq_len=int(values["base_image_seq_len"]),
+                           max_seq_len=int(values["max_image_seq_len"]),
+                           base_shift=float(values["base_shift"]),
+                           max_shift=float(values["max_shift"]), shift=float(values["shift"]))
+  if shift != flow.ShiftConfig():
+    log(f"{path}: sigma shift {shift} (DreamLite's default is {flow.ShiftConfig()})")
+  known = set(_SCHEDULER_FIXED) | set(_SCHEDULER_DEFAULTS) | {"_class_name", "_diffusers_version"}
+  unknown = sorted(k for k in cfg if k not in known)
+  if unknown:
+    log(f"{path}: fields not read: {unknown}")
+  return shift
+
+
+def load_dreamlite_dir(directory: str, dtype=jnp.float32, log: Log | None = None) -> dict:
+  """A released DreamLite checkpoint in diffusers layout -> `{'unet': (cfg, params),
+  'vae': (cfg, params), 'shift': ShiftConfig}` ('vae' when the folder has one; 'shift'
+  from `scheduler/`, else DreamLite's). `log` gets what the folder holds that our code
+  does not expect, and what was assumed (module docstring)."""
+  log = log or _default_log
+  read_model_index(directory, log)
+  out = {"unet": load_unet_dir(os.path.join(directory, "unet"), dtype, log)}
   if os.path.isdir(os.path.join(directory, "vae")):
-    out["vae"] = load_vae_dir(os.path.join(directory, "vae"), dtype)
+    out["vae"] = load_vae_dir(os.path.join(directory, "vae"), dtype, log)
+  scheduler = os.path.join(directory, "scheduler")
+  if os.path.isdir(scheduler):
+    out["shift"] = read_scheduler_dir(scheduler, log)
+  else:
+    log(f"{directory}: no scheduler/; assumed DreamLite's sigma shift {flow.ShiftConfig()}")
+    out["shift"] = flow.ShiftConfig()
   return out

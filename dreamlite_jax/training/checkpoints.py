@@ -9,7 +9,13 @@ renames it when complete), and only the newest `keep` steps are kept.
 
 `restore_or_init` is the one place that writes the resume order:
 the workdir's own latest checkpoint, else the stage's `init_from` (params and
-EMA of a previous stage), else a fresh state.
+EMA of a previous stage, or of any model `init_from.model` names), else a fresh state.
+
+A model to start from or read params of (`init_from.workdir`, `init_from.model`,
+`load_params`) is a training run (a workdir, or its `checkpoints/`; a job's stage
+directory is one), or a diffusers-format DreamLite folder (`unet/` with
+config.json + safetensors, e.g. the released checkpoint) or its `unet/` folder alone,
+whose one set of weights is both the params and the EMA.
 """
 from __future__ import annotations
 
@@ -28,7 +34,10 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 from dreamlite_jax.config import ConfigError
+from dreamlite_jax.models import weights
 from dreamlite_jax.training.state import TrainState
+
+log = logging.getLogger(__name__)
 
 CHECKPOINT_SUBDIR = "checkpoints"
 
@@ -168,11 +177,15 @@ def _read_params_and_ema(directory: str, step: int, abstract: dict[str, Any] | N
 
 
 def load_params(checkpoint_dir: str, step: int = -1, ema: bool = False) -> Any:
-  """The params pytree (or the EMA params) of a run, as host-local jax arrays.
+  """The params pytree (or the EMA params) of a model, as host-local jax arrays.
 
-  `checkpoint_dir` is a workdir or its `checkpoints/` folder; `step` -1 = latest.
+  `checkpoint_dir` is a workdir or its `checkpoints/` folder (`step` -1 = latest), or a
+  diffusers DreamLite / U-Net folder (its weights; they serve as params and EMA).
   For pipelines and converters; no optimiser state is read.
   """
+  unet_dir = weights.find_unet_dir(checkpoint_dir)
+  if unet_dir is not None:
+    return weights.load_unet_dir(unet_dir)[1]
   directory = _resolve_checkpoints(checkpoint_dir)
   if not os.path.isdir(directory):
     raise FileNotFoundError(f"checkpoint directory not found: {checkpoint_dir}")
@@ -183,6 +196,45 @@ def load_params(checkpoint_dir: str, step: int = -1, ema: bool = False) -> Any:
   return tree[key]
 
 
+def init_source(config: ml_collections.ConfigDict) -> tuple[str, str]:
+  """(field, path) of the model a stage starts from: `init_from.workdir` (the parent stage)
+  or `init_from.model` (any model); ('', '') for none. A job stage section's
+  `init_from_model`, which `StageContext.stage_config` copies to the top of the stage
+  config, counts as `init_from.model`. Naming both is an error: a state has one origin."""
+  init_from = config.init_from
+  model = init_from.get("model", "") or config.get("init_from_model", "")
+  model_field = ("config.init_from.model" if init_from.get("model", "")
+                 else "config.init_from_model")
+  if init_from.workdir and model:
+    raise ConfigError(f"config.init_from.workdir = {init_from.workdir!r} (the parent stage) and "
+                      f"{model_field} = {model!r} both name the model to start from; "
+                      f"keep one (a stage with init_from_model has no parent)")
+  if init_from.workdir:
+    return "config.init_from.workdir", init_from.workdir
+  return (model_field, model) if model else ("", "")
+
+
+def _start_params(field: str, path: str, step: int, abstract_state: TrainState
+                  ) -> tuple[Any, Any, str]:
+  """(params, ema_params, description) of the model at `path` shaped like the state's."""
+  unet_dir = weights.find_unet_dir(path)
+  if unet_dir is not None:
+    try:
+      _, params = weights.load_unet_dir(unet_dir, log=log.info, abstract_params=abstract_state.params)
+    except weights.WeightsMismatchError as e:
+      raise ConfigError(f"{field} = {path!r}: its U-Net does not fit this stage's model "
+                        f"(config.model.unet):\n{e}") from e
+    # The folder holds one set of weights: the EMA starts from them as well.
+    return params, jax.tree.map(jnp.copy, params), f"{unet_dir} (diffusers weights as params + EMA)"
+  directory = _resolve_checkpoints(path)
+  if not os.path.isdir(directory):
+    raise ConfigError(f"{field} = {path!r}: neither a checkpoint directory nor a diffusers "
+                      f"DreamLite folder")
+  abstract = {"params": abstract_state.params, "ema_params": abstract_state.ema_params}
+  parent = _restore_params_and_ema(directory, step, abstract)
+  return parent["params"], parent["ema_params"], f"{directory} (params + EMA)"
+
+
 def restore_or_init(config: ml_collections.ConfigDict, manager: ocp.CheckpointManager,
                     abstract_state: TrainState, create: Callable[[], TrainState],
                     start_from: Callable[[Any, Any], TrainState],
@@ -190,27 +242,25 @@ def restore_or_init(config: ml_collections.ConfigDict, manager: ocp.CheckpointMa
   """The resume order, written once. Returns (state, data_state or None, source).
 
   1. the workdir's latest checkpoint (exact resume: state + data iterator);
-  2. `config.init_from.workdir` (a previous stage): its params and EMA go into
-     a fresh state (new optimiser, step 0); `init_from.ema_as_params` starts
-     the params from the parent's EMA;
+  2. `config.init_from.workdir` (a previous stage) or `config.init_from.model` (a
+     training run, a job's stage directory, or a diffusers DreamLite folder such as the
+     release; `init_source`): its params and EMA go into a fresh state (new optimiser,
+     step 0); `init_from.ema_as_params` starts the params from the EMA, and
+     `init_from.step` picks a run's step;
   3. a fresh state from `create()`.
   `start_from(params, ema_params)` builds the fresh state of case 2.
   """
   if manager.latest_step() is not None:
     state, data_state = restore(manager, abstract_state)
     return state, data_state, f"resumed from {manager.directory} step {int(state.step)}"
-  init_from = config.init_from
-  if init_from.workdir:
-    directory = _resolve_checkpoints(init_from.workdir)
-    if not os.path.isdir(directory):
-      raise ConfigError(f"config.init_from.workdir = {init_from.workdir!r}: no such checkpoint "
-                        f"directory")
-    abstract = {"params": abstract_state.params, "ema_params": abstract_state.ema_params}
-    parent = _restore_params_and_ema(directory, init_from.step, abstract)
-    params = parent["ema_params"] if init_from.ema_as_params else parent["params"]
+  field, path = init_source(config)
+  if path:
+    init_from = config.init_from
+    params, ema_params, what = _start_params(field, path, init_from.step, abstract_state)
+    start = ema_params if init_from.ema_as_params else params
     # Distinct buffers: the step donates params and EMA separately.
-    state = start_from(jax.tree.map(jnp.copy, params), parent["ema_params"])
-    return state, None, f"initialised from {directory} (params + EMA)"
+    state = start_from(jax.tree.map(jnp.copy, start), ema_params)
+    return state, None, f"initialised from {what}"
   return create(), None, "fresh init"
 
 
