@@ -200,12 +200,15 @@ def test_paper_journey_runs_every_stage_on_eight_devices(journey):
 
 
 def test_paper_journey_two_processes_match_one(journey, world):
-  """The same stages as 2 processes x 4 devices: the same global batches, the same losses."""
+  """The U-Net stages as 2 processes x 4 devices: the same global batches, the same losses.
+  RL and distillation sample on one host: asked to run on two they refuse before starting."""
   workdir = str(world["root"] / "runs" / "two_processes")
-  for stage in STAGES:
+  for stage in PRETRAIN:
     run_stage_two_processes(stage, workdir, world)
-  for stage in STAGES:
-    assert _done(workdir, stage)["results"]["steps"] > 0, stage
+  for stage in ("rl", "distill"):
+    with pytest.raises(AssertionError, match=f"config.{stage}: a {stage} stage runs on one process"):
+      run_stage_two_processes(stage, workdir, world)
+    assert not os.path.exists(os.path.join(workdir, stage)), stage
   for stage in PRETRAIN:
     one, two = losses(os.path.join(journey, stage)), losses(os.path.join(workdir, stage))
     assert sorted(two) == sorted(one), stage

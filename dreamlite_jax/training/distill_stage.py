@@ -17,8 +17,15 @@ with guidance (`teacher_naive_4step_cfg`, twice the evaluations), and the studen
 without guidance. They go to `<stage>/scores.json`
 and to the results' `distill` entry.
 
-Config section `config.distill` (see `experiments/dreamlite_1024_distill.py`):
-  parent, teacher_ema, objective (DistillConfig fields, timesteps x 1000),
+On embedding caches (the job's `data.source = "cache"`) the pool is `pool_size` cached
+conditions at `data.size` (the loss-batch rows themselves: no text encoder runs), the
+shapes scores do not apply, and the stage instead samples a fixed set of pool rows with
+the teacher (full steps, guidance) and the student (its steps, no guidance) into one
+grid (`teacher_vs_student.png`: teacher row above student row) and reports their mean
+absolute pixel difference (`student_vs_teacher_l1`, 0-255 scale).
+
+Config section `config.distill` (see `experiments/dreamlite_1024.py`):
+  kind, parent, teacher_ema, objective (DistillConfig fields, timesteps x 1000),
   fake_lr, train (trainer fields), data (size, pool_size, edit_fraction, seed),
   eval (size, per_category, per_type, teacher_steps, guidance, image_guidance,
   use_ema, seed, batch_size).
@@ -37,6 +44,7 @@ import numpy as np
 from tqdm import tqdm
 
 from data_pipelines import shapes
+from dreamlite_jax import stage_data
 from dreamlite_jax.config import ConfigError
 from dreamlite_jax.diffusion import flow
 from dreamlite_jax.eval import shapes_eval
@@ -151,6 +159,39 @@ def build_pool(pipe: Any, data: ml_collections.ConfigDict, objective: distill.Di
   if objective.regression_weight > 0:
     add_teacher_ode_pairs(pool, pipe, objective, data.seed)
   return pool
+
+
+def build_cached_pool(config: ml_collections.ConfigDict, pipe: Any,
+                      data: ml_collections.ConfigDict,
+                      objective: distill.DistillConfig) -> dict[str, np.ndarray]:
+  """`data.pool_size` cached conditions at `data.size` (T2I and edit at
+  `data.edit_fraction`), the same on every process, plus the teacher ODE pairs."""
+  mix = ml_collections.ConfigDict(dict(data=dict(
+      t2i_weight=1.0 - float(data.edit_fraction), edit_weight=float(data.edit_fraction),
+      resolutions=((int(data.size), 0),))))
+  pool = next(stage_data.cache_batches(config, mix, int(data.pool_size), int(data.seed),
+                                       everything=True))
+  if objective.regression_weight > 0:
+    add_teacher_ode_pairs(pool, pipe, objective, data.seed)
+  return pool
+
+
+def teacher_vs_student(pipe: Any, student_params: Any, pool: dict[str, np.ndarray],
+                       eval_cfg: ml_collections.ConfigDict, student_steps: int,
+                       workdir: str, count: int = 8) -> float:
+  """Samples `count` pool rows with the teacher and the student; writes their grid and
+  returns the mean absolute pixel difference (0-255)."""
+  rows = {k: v[:count] for k, v in pool.items()}
+  teacher = pipe.sample_cached(rows, steps=int(eval_cfg.teacher_steps),
+                               guidance=float(eval_cfg.guidance),
+                               image_guidance=float(eval_cfg.image_guidance),
+                               seed=int(eval_cfg.seed))
+  student = pipe.with_unet_params(student_params).sample_cached(
+      rows, steps=student_steps, guidance=None, seed=int(eval_cfg.seed))
+  if jax.process_index() == 0:
+    metrics_lib.write_grid(os.path.join(workdir, "teacher_vs_student.png"),
+                           np.concatenate([teacher, student]))
+  return float(np.abs(teacher.astype(np.float32) - student.astype(np.float32)).mean())
 
 
 def add_teacher_ode_pairs(pool: dict[str, np.ndarray], pipe: Any,
@@ -317,10 +358,17 @@ def run_stage(ctx: Any) -> dict:
   objective = objective_config(section.objective)
   if section.train.accum_steps != 1:
     raise ConfigError(f"config.{ctx.name}.train.accum_steps must be 1 for distillation")
+  if jax.process_count() > 1:
+    raise ConfigError(f"config.{ctx.name}: the distill stage runs on one process (its teacher "
+                      f"pool is sampled on one host); run it without --coordinator/--distributed")
   teacher = ckpt.load_params(ctx.parent_workdir, ema=bool(section.teacher_ema))
   pipe = ctx.models.pipeline(teacher)
   check_deployed_schedule(objective, section.data.size, pipe.shift, pipe.vae_scale)
-  pool = build_pool(pipe, section.data, objective)
+  cached = stage_data.source(ctx.config) == "cache"
+  if cached:
+    pool = build_cached_pool(ctx.config, pipe, section.data, objective)
+  else:
+    pool = build_pool(pipe, section.data, objective)
   state, _, step, metrics = train_student(ctx, pipe, objective, teacher, pool)
   checkpoint = save_student(ctx.workdir, state.student, ctx.config)
 
@@ -328,6 +376,15 @@ def run_stage(ctx: Any) -> dict:
   with_edit = section.data.edit_fraction > 0
   k = len(objective.student_sigmas)
   student_params = state.student.ema_params if eval_cfg.use_ema else state.student.params
+  if cached:
+    l1 = teacher_vs_student(pipe, ckpt.as_numpy(student_params), pool, eval_cfg, k,
+                            ctx.workdir)
+    summary = {"student_vs_teacher_l1": l1}
+    if jax.process_index() == 0:
+      with open(os.path.join(ctx.workdir, SCORES_FILE), "w") as f:
+        json.dump({"summary": summary, "student_steps": k}, f, indent=2, sort_keys=True)
+    return {"steps": step, "final_loss": metrics.get("loss"), "checkpoint": checkpoint,
+            "distill": summary, "sample_grids": ["teacher_vs_student.png"]}
   scores = {
       "teacher": shapes_score(pipe, eval_cfg, eval_cfg.teacher_steps, eval_cfg.guidance,
                               eval_cfg.image_guidance, with_edit),

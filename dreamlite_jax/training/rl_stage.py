@@ -1,12 +1,20 @@
 """The `rl` stage of a job: Flow-GRPO, DiffusionNFT or ReFL from the SFT checkpoint.
 
-`rl.method` picks the algorithm: "grpo" (alias "flow_grpo", the default) and
-"nft" (DiffusionNFT, `training/rl_nft.py`) are online RL with the exact
-programmatic shapes reward; "refl" backpropagates a differentiable reward
-(`rl.reward.name`, default the learned shapes reward, `rl.reward.path` its
-weights) through a one-step x0 prediction at a late timestep, with the thresholds
-and regulariser weight of `rl.refl` (`ReFLConfig` fields). All are scored
-before/after with the exact evaluator.
+`rl.method` picks the algorithm: "grpo" (alias "flow_grpo") and "nft"
+(DiffusionNFT, `training/rl_nft.py`) are online RL; "refl" backpropagates a
+differentiable reward (`rl.reward.name`, `rl.reward.path` its weights) through a
+one-step x0 prediction at a late timestep, with the thresholds and regulariser
+weight of `rl.refl` (`ReFLConfig` fields).
+
+Where prompts and rewards come from follows the job's data source:
+  shapes  prompts drawn from the shapes generator; Flow-GRPO and DiffusionNFT are
+          rewarded by the exact programmatic shapes reward and everything is scored
+          before/after with the exact evaluator;
+  cache   prompts drawn from the job's embedding caches at `rl.data.size` (their
+          cached text features, null-text features and edit source latents: no text
+          encoder runs), rewarded by `rl.reward` (e.g. "clip" from a local folder),
+          and scored before/after as the mean reward of a fixed set of `rl.eval.count`
+          cached prompts sampled with `rl.eval.sampler` (the same noise both times).
 
 Follows the stage-runner contract of `dreamlite_jax/stages.py`
 (`run_stage(ctx: StageContext) -> dict`). Steps:
@@ -25,11 +33,11 @@ Follows the stage-runner contract of `dreamlite_jax/stages.py`
 The TrainState is born sharded on the job's mesh and checkpointed with the
 shared orbax manager, so a re-run resumes at the last saved iteration.
 
-Section fields: parent, use_ema, iterations, prompts_per_iteration,
-edit_fraction, num_minibatches, sample_steps (GRPO), checkpoint_every, grpo
-(GRPOConfig fields), nft (NFTConfig fields), train (trainer fields), eval
-(per_category, per_type, sampler); method ("grpo" | "nft" | "refl"), refl
-(ReFLConfig fields), reward (name, path) for ReFL.
+Section fields: kind, parent, use_ema, method ("grpo" | "flow_grpo" | "nft" | "refl"),
+iterations, prompts_per_iteration, edit_fraction, num_minibatches, sample_steps
+(GRPO), checkpoint_every, grpo (GRPOConfig fields), nft (NFTConfig fields), refl
+(ReFLConfig fields), reward (name, path), train (trainer fields), eval (shapes:
+per_category, per_type, sampler; cache: count, sampler), data.size (cache only).
 A ReFL iteration is one train step on prompts_per_iteration examples.
 """
 from __future__ import annotations
@@ -40,9 +48,11 @@ import time
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 
 from data_pipelines import shapes
+from dreamlite_jax import stage_data
 from dreamlite_jax.config import ConfigError
 from dreamlite_jax.diffusion import flow
 from dreamlite_jax.eval import shapes_stage
@@ -61,6 +71,7 @@ from dreamlite_jax.training import state as state_lib
 from dreamlite_jax.training import step as step_lib
 
 PROMPT_SEED = 7_000_003  # RL prompts: training pairs, a stream apart from SFT data and eval
+EVAL_SEED = 7_100_003    # the fixed cached prompts scored before and after
 METHODS = {"grpo": "flow_grpo", "flow_grpo": "flow_grpo", "nft": "nft", "refl": "refl"}
 
 
@@ -125,6 +136,70 @@ class _Conditioner:
     return np.round(np.clip((images + 1.0) / 2.0, 0, 1) * 255).astype(np.uint8)
 
 
+class _CachedConditioner:
+  """`_Conditioner` for prompts drawn from embedding caches: the features are the cached
+  ones; edit sources are decoded from their cached latents for the reward."""
+
+  def __init__(self, models):
+    self.models = models
+    vae = models.vae
+    self._decode = jax.jit(lambda p, z: vae.apply({"params": p}, z, method="decode"))
+
+  def __call__(self, items: list[dict], group: int):
+    rows = {k: np.stack([it["row"][k] for it in items]) for k in items[0]["row"]}
+    rep = lambda a: np.repeat(a, group, axis=0)
+    cond = {"text": rep(rows["text"]), "text_mask": rep(rows["text_mask"]),
+            "time_ids": rep(rows["time_ids"])}
+    uncond = {"text": rep(rows["null_text"]), "text_mask": rep(rows["null_text_mask"]),
+              "time_ids": rep(rows["time_ids"])}
+    edit = rows["is_edit"] > 0
+    sources = np.where(edit[:, None, None, None], self.decode(rows["source_latents"]), 0)
+    return rep(rows["source_latents"]), cond, uncond, rep(sources.astype(np.uint8))
+
+  def decode(self, latents) -> np.ndarray:
+    images = np.asarray(self._decode(self.models.vae_params, jnp.asarray(latents)))
+    return np.round(np.clip((images + 1.0) / 2.0, 0, 1) * 255).astype(np.uint8)
+
+
+def cached_items(batch: dict) -> list[dict]:
+  """The rows of a cached-conditions batch as RL prompt items: {"text", "metadata" (the
+  prompt: what the configured reward reads), "source" (non-None for edits), "row"}."""
+  keys = [k for k in batch if k != "prompt"]
+  out = []
+  for i, prompt in enumerate(batch["prompt"]):
+    edit = bool(batch["is_edit"][i] > 0)
+    out.append({"text": str(prompt), "metadata": str(prompt), "reward_text": str(prompt),
+                "source": batch["source_latents"][i] if edit else None,
+                "target_latents": batch["latents"][i],
+                "row": {k: batch[k][i] for k in keys}})
+  return out
+
+
+def prompt_stream(config, section, count: int, seed: int, size: int):
+  """Endless batches of `count` cached conditions at `size` (the same on every process)."""
+  mix = ml_collections.ConfigDict(dict(data=dict(
+      t2i_weight=1.0 - float(section.edit_fraction), edit_weight=float(section.edit_fraction),
+      resolutions=((size, 0),))))
+  return stage_data.cache_batches(config, mix, count, seed, keep_prompts=True, everything=True)
+
+
+def cached_reward_scores(pipe, batch: dict, sampler, reward, conditioner) -> dict:
+  """Mean configured reward of a fixed cached set sampled with `sampler`, and the images."""
+  images = []
+  n, size = len(batch["prompt"]), int(sampler.batch_size)
+  for start in range(0, n, size):
+    rows = {k: v[start:start + size] for k, v in batch.items() if k != "prompt"}
+    images.append(pipe.sample_cached(rows, steps=int(sampler.steps),
+                                     guidance=float(sampler.guidance),
+                                     image_guidance=float(sampler.image_guidance),
+                                     seed=int(sampler.seed)))
+  images = np.concatenate(images)
+  edit = batch["is_edit"] > 0
+  sources = np.where(edit[:, None, None, None], conditioner.decode(batch["source_latents"]), 0)
+  rewards = np.asarray(reward(images, list(batch["prompt"]), sources.astype(np.uint8)))
+  return {"reward": float(rewards.mean()), "images": images}
+
+
 def group_diversity(images: np.ndarray, group: int) -> float:
   """Mean over prompts of the per-pixel std across the prompt's G samples (0-255 scale)."""
   x = images.astype(np.float32).reshape((-1, group) + images.shape[1:])
@@ -152,7 +227,7 @@ def _grpo_iteration(config, state, items, group, conditioner, rollout, reference
   batch = rl_grpo.flatten_rollout(out, condition, sigmas, cond, uncond, adv)
   state, history = rl_grpo.update(step_fn, state, batch, int(section.num_minibatches), mesh,
                                   rng, config.seed * 7919 + it)
-  return _iteration_scalars(history, rewards, metas, images, group, state)
+  return _iteration_scalars(history, rewards, items, images, group, state)
 
 
 def _nft_iteration(config, state, items, nft, conditioner, pipeline, velocity, reference,
@@ -175,12 +250,12 @@ def _nft_iteration(config, state, items, nft, conditioner, pipeline, velocity, r
                               nft.noise_draws, group, np.random.default_rng([config.seed, it]))
   state, history = rl_grpo.update(step_fn, state, rows, int(section.num_minibatches), mesh,
                                   rng, config.seed * 7919 + it, block=group)
-  return _iteration_scalars(history, rewards, metas, images, group, state)
+  return _iteration_scalars(history, rewards, items, images, group, state)
 
 
-def _iteration_scalars(history, rewards, metas, images, group, state) -> dict:
+def _iteration_scalars(history, rewards, items, images, group, state) -> dict:
   """Mean update metrics, train rewards (all, T2I, edit), diversity, and the new state."""
-  edit = np.array([m.get("edit_type") is not None for m in metas])
+  edit = np.array([it["source"] is not None for it in items for _ in range(group)])
   scalars = {k: float(np.mean([h[k] for h in history])) for k in history[0]}
   scalars.update(reward=float(rewards.mean()),
                  reward_t2i=float(rewards[~edit].mean()) if (~edit).any() else 0.0,
@@ -195,9 +270,12 @@ def refl_batch(conditioner: "_Conditioner", reward, items: list[dict]) -> dict:
   source latents, is_edit, text features, time_ids) plus the reward's tokenized
   `reward_text` as reward_ids [B, ...] / reward_mask [B, ...]."""
   condition, cond, _, _ = conditioner(items, 1)
-  targets = np.stack([it["target"] for it in items])
-  latents = np.asarray(conditioner._encode(conditioner.models.vae_params,
-                                           jnp.asarray(targets, jnp.float32) / 127.5 - 1.0))
+  if "target_latents" in items[0]:  # cached conditions hold the target's latents
+    latents = np.stack([it["target_latents"] for it in items])
+  else:
+    targets = np.stack([it["target"] for it in items])
+    latents = np.asarray(conditioner._encode(conditioner.models.vae_params,
+                                             jnp.asarray(targets, jnp.float32) / 127.5 - 1.0))
   ids, mask = reward.tokenize([it["reward_text"] for it in items])
   return {"latents": latents.astype(np.float32), "source_latents": condition,
           "is_edit": np.array([it["source"] is not None for it in items], np.float32),
@@ -213,11 +291,15 @@ def run_stage(ctx) -> dict:
   models = ctx.models
   config = ctx.stage_config()
   config.init_from.ema_as_params = bool(section.use_ema)
-  size = models.image_size
-  method = METHODS.get(str(section.get("method", "grpo")))
+  cached = stage_data.source(ctx.config) == "cache"
+  size = int(section.data.size) if cached else models.image_size
+  method = METHODS.get(str(section.method))
   if method is None:
-    raise ConfigError(f"config.{ctx.name}.method={section.get('method')!r}; expected one of "
+    raise ConfigError(f"config.{ctx.name}.method = {section.method!r}; expected one of "
                       f"{sorted(METHODS)}")
+  if jax.process_count() > 1:
+    raise ConfigError(f"config.{ctx.name}: the rl stage runs on one process (its rollouts are "
+                      f"sampled on one host); run it without --coordinator/--distributed")
   grpo = rl_grpo.GRPOConfig(**section.grpo.to_dict())
   nft = rl_nft.NFTConfig(**(section.nft.to_dict() if "nft" in section else {}))
   group, prompts = grpo.group_size, int(section.prompts_per_iteration)
@@ -236,6 +318,16 @@ def run_stage(ctx) -> dict:
   length = int(ctx.config.model.text_encoder.text_length)
   init = pretrain_stage.init_unet_fn(models.unet, (latent, latent), length,
                                      models.unet_config.encoder_hid_dim)
+  # The reward: the exact shapes reward for the online methods on the shapes world,
+  # else the configured one (loaded from local weights before any rollout).
+  if method == "refl" or cached:
+    try:
+      reward = make_reward(str(section.reward.name), str(section.reward.path))
+    except (ValueError, OSError) as e:
+      raise ConfigError(f"config.{ctx.name}.reward (name={section.reward.name!r}, "
+                        f"path={section.reward.path!r}): {e}") from e
+  else:
+    reward = ShapesReward()
   abstract, shardings = state_lib.state_shardings(init, tx, mesh)
   manager = ckpt.make_manager(ckpt.checkpoint_dir(ctx.workdir), keep=1, async_save=False)
   state, data_state, source = ckpt.restore_or_init(
@@ -243,23 +335,18 @@ def run_stage(ctx) -> dict:
       lambda p, e: state_lib.state_from_params(p, e, tx, shardings, config.seed))
   reference = ckpt.load_params(ctx.parent_workdir, ema=bool(section.use_ema))
   predict = pretrain_loss.unet_predict_fn(models.unet)
-  conditioner = _Conditioner(models, size)
+  conditioner = _CachedConditioner(models) if cached else _Conditioner(models, size)
   if method == "refl":
-    reward_section = section.get("reward", None)
-    reward_name = str(reward_section.name) if reward_section else "learned_shapes"
-    reward = make_reward(reward_name, str(reward_section.path) if reward_section else "")
     if not getattr(reward, "differentiable_available", False):
-      raise ConfigError(f"config.{ctx.name}.reward.name={reward_name!r} is not differentiable; "
-                        f"ReFL needs one of learned_shapes, clip")
+      raise ConfigError(f"config.{ctx.name}.reward.name = {section.reward.name!r} is not "
+                        f"differentiable; ReFL needs one of learned_shapes, clip")
     refl_config = rl_refl.ReFLConfig(**(section.refl.to_dict() if "refl" in section else {}))
     vae, vae_params = models.vae, models.vae_params
     decode = lambda z: vae.apply({"params": vae_params}, z, method="decode")
     loss_fn = rl_refl.make_refl_loss(predict, decode, reward.differentiable, refl_config)
   elif method == "nft":
-    reward = ShapesReward()
     loss_fn = rl_nft.make_nft_loss(predict, nft)
   else:
-    reward = ShapesReward()
     loss_fn = rl_grpo.make_grpo_loss(predict, grpo)
   jitted_step = step_lib.make_train_step(
       loss_fn, tx, mesh, shardings,
@@ -273,22 +360,36 @@ def run_stage(ctx) -> dict:
   sigmas = flow.sampling_sigmas(int(section.sample_steps), 0.0)
   rng = jax.device_put(np.asarray(jax.device_get(state.rng)), mesh_lib.replicated(mesh))
 
-  sets = shapes_stage.eval_sets(ctx.config, section.eval.per_category, section.eval.per_type)
+  if cached:
+    held = next(prompt_stream(ctx.config, section, int(section.eval.count),
+                              EVAL_SEED + ctx.config.seed, size))
+    evaluate = lambda params, grid=False: cached_reward_scores(
+        models.pipeline(params), held, section.eval.sampler, reward, conditioner)
+    stream = prompt_stream(ctx.config, section, prompts, PROMPT_SEED + ctx.config.seed, size)
+  else:
+    sets = shapes_stage.eval_sets(ctx.config, section.eval.per_category, section.eval.per_type)
+    evaluate = lambda params, grid=False: shapes_stage.evaluate(
+        models.pipeline(params), sets, section.eval.sampler,
+        grid_dir=ctx.workdir if grid else None, prefix="samples_")
   results_path = os.path.join(ctx.workdir, "rl_progress.json")
   progress = {}
   if os.path.exists(results_path):
     with open(results_path) as f:
       progress = json.load(f)
   if "before" not in progress:
-    progress["before"] = shapes_stage.evaluate(models.pipeline(reference), sets,
-                                               section.eval.sampler)
+    progress["before"] = _without_images(evaluate(reference))
   writer = metrics_lib.MetricsWriter(ctx.workdir)
   start = int(data_state["iteration"]) if data_state else 0
+  if cached and data_state:
+    stream.set_state(data_state["prompts"])
   iterations = int(section.iterations)
   t0 = time.time()
   for it in range(start, iterations):
-    items = draw_prompts(it, prompts, float(section.edit_fraction), size,
-                         PROMPT_SEED + ctx.config.seed)
+    if cached:
+      items = cached_items(next(stream))
+    else:
+      items = draw_prompts(it, prompts, float(section.edit_fraction), size,
+                           PROMPT_SEED + ctx.config.seed)
     if method == "refl":
       batch = refl_batch(conditioner, reward, items)
       state, metrics = step_fn(state, mesh_lib.shard_batch(batch, mesh), rng)
@@ -307,7 +408,8 @@ def run_stage(ctx) -> dict:
     print(f"[rl:{method}] iteration {it + 1}/{iterations}: reward {scalars['reward']:.3f} "
           f"loss {scalars['loss']:.4f} ({time.time() - t0:.0f}s)", flush=True)
     if (it + 1) % int(section.checkpoint_every) == 0 or it + 1 == iterations:
-      ckpt.save(manager, state, {"iteration": it + 1}, config)
+      data = {"iteration": it + 1, **({"prompts": stream.get_state()} if cached else {})}
+      ckpt.save(manager, state, data, config)
       manager.wait_until_finished()
       with open(results_path, "w") as f:
         json.dump(progress, f)
@@ -315,9 +417,20 @@ def run_stage(ctx) -> dict:
   writer.close()
 
   params = ckpt.as_numpy(state.params)
-  after = shapes_stage.evaluate(models.pipeline(params), sets, section.eval.sampler,
-                                grid_dir=ctx.workdir, prefix="samples_")
+  after = evaluate(params, grid=True)
   log = progress.get("iterations", [])
+  if cached:
+    grid = "samples.png"
+    metrics_lib.write_grid(os.path.join(ctx.workdir, grid), after.pop("images"))
+    rl = {"before": progress["before"]["reward"], "after": after["reward"], "method": method,
+          "reward": f"{section.reward.name} ({section.reward.path})",
+          "train_reward_first": log[0]["reward"] if log else None,
+          "train_reward_last": log[-1]["reward"] if log else None}
+    with open(os.path.join(ctx.workdir, "scores.json"), "w") as f:
+      json.dump({"rl": rl}, f, indent=2)
+    return {"steps": int(jax.device_get(state.step)),
+            "final_loss": log[-1]["loss"] if log else None, "rl": rl, "source": source,
+            "sample_grids": [grid]}
   before_s, after_s = _summary(progress["before"]), _summary(after)
   rl = {"before": before_s["t2i"], "after": after_s["t2i"],
         "heldout_before": before_s["t2i_heldout"], "heldout_after": after_s["t2i_heldout"],
@@ -340,3 +453,8 @@ def run_stage(ctx) -> dict:
   return {"steps": int(jax.device_get(state.step)), "final_loss": log[-1]["loss"] if log else None,
           "rl": rl, "scores": after, "scores_before": progress["before"],
           "source": source, "sample_grids": ["samples_t2i.png", "samples_edit.png"]}
+
+
+def _without_images(scores: dict) -> dict:
+  """Scores as JSON (the cached evaluation also hands back its sampled images)."""
+  return {k: v for k, v in scores.items() if k != "images"}

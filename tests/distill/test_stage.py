@@ -28,6 +28,8 @@ from experiments import dreamlite_1024_distill
 from experiments import train_defaults
 from stand_ins import StandInVAE
 
+from cache_records import write_cache
+
 SIZE = 32
 
 
@@ -74,6 +76,7 @@ def _config(timesteps) -> ml_collections.ConfigDict:
   section.eval.update(size=SIZE, per_category=1, per_type=1, teacher_steps=3, batch_size=16)
   config = ml_collections.ConfigDict()
   config.seed = 0
+  config.data = ml_collections.ConfigDict(dict(source="shapes"))
   config.mesh = train_defaults.mesh_config(data=-1, fsdp=1, tensor=1)
   config.model = ml_collections.ConfigDict()
   config.distill = section
@@ -165,3 +168,31 @@ def test_objective_config_errors_name_the_field():
   section.bogus = 1
   with pytest.raises(ConfigError, match="bogus"):
     distill_stage.objective_config(section)
+
+
+def test_stage_on_caches_distils_from_cached_conditions(tmp_path, parts):
+  """With the job's data in embedding caches the pool is cached rows (no text encoder),
+  and the stage writes a teacher-vs-student grid and their pixel distance."""
+  hid = parts[0].config.text.hidden_size
+  _teacher_checkpoint(str(tmp_path / "rl"), parts[1], hid)
+  for task in ("t2i", "edit"):
+    write_cache(str(tmp_path / task), task, SIZE, 10, text_length=16, text_dim=hid)
+  timesteps = tuple(flow.schedule_for_size(4, SIZE, SIZE)[:-1] * 1000)
+  config = _config(timesteps)
+  config.data = ml_collections.ConfigDict(dict(
+      source="cache", t2i_cache=str(tmp_path / "t2i"), edit_cache=str(tmp_path / "edit"),
+      num_threads=1, prefetch=2))
+  ctx = _ctx(config, tmp_path, parts)
+  os.makedirs(ctx.workdir)
+  teacher = ckpt.load_params(str(tmp_path / "rl"))
+  objective = distill_stage.objective_config(config.distill.objective)
+  pool = distill_stage.build_cached_pool(config, ctx.models.pipeline(teacher),
+                                         config.distill.data, objective)
+  ids = pool["latents"][:, 0, 0, 0]
+  edit = pool["is_edit"] > 0
+  assert len(ids) == 6 and edit.any() and (~edit).any()
+  assert (ids[edit] >= 1000).all() and (ids[~edit] < 1000).all()  # the caches' own rows
+  assert pool["ode_target"].shape == pool["latents"].shape
+  results = distill_stage.run_stage(ctx)
+  assert results["steps"] == 2 and np.isfinite(results["distill"]["student_vs_teacher_l1"])
+  assert os.path.getsize(os.path.join(ctx.workdir, "teacher_vs_student.png")) > 0
