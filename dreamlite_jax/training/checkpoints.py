@@ -198,20 +198,16 @@ def load_params(checkpoint_dir: str, step: int = -1, ema: bool = False) -> Any:
 
 def init_source(config: ml_collections.ConfigDict) -> tuple[str, str]:
   """(field, path) of the model a stage starts from: `init_from.workdir` (the parent stage)
-  or `init_from.model` (any model); ('', '') for none. A job stage section's
-  `init_from_model`, which `StageContext.stage_config` copies to the top of the stage
-  config, counts as `init_from.model`. Naming both is an error: a state has one origin."""
+  or `init_from.model` (any model); ('', '') for none. Naming both is an error: a state
+  has one origin."""
   init_from = config.init_from
-  model = init_from.get("model", "") or config.get("init_from_model", "")
-  model_field = ("config.init_from.model" if init_from.get("model", "")
-                 else "config.init_from_model")
-  if init_from.workdir and model:
+  if init_from.workdir and init_from.model:
     raise ConfigError(f"config.init_from.workdir = {init_from.workdir!r} (the parent stage) and "
-                      f"{model_field} = {model!r} both name the model to start from; "
-                      f"keep one (a stage with init_from_model has no parent)")
+                      f"config.init_from.model = {init_from.model!r} both name the model to "
+                      f"start from; keep one")
   if init_from.workdir:
     return "config.init_from.workdir", init_from.workdir
-  return (model_field, model) if model else ("", "")
+  return ("config.init_from.model", init_from.model) if init_from.model else ("", "")
 
 
 def _start_params(field: str, path: str, step: int, abstract_state: TrainState
