@@ -299,14 +299,26 @@ def _cache_problem(root: str, sides: list[int]) -> str:
   return ""
 
 
+def _cache_draws(section: ml_collections.ConfigDict) -> tuple[list[int], dict[str, float]]:
+  """(sides, {task: weight}) a stage reads from the caches: pretrain kinds by their
+  resolutions and weights, rl and distill at `data.size` by their edit fraction."""
+  data = section.get("data")
+  if not isinstance(data, ml_collections.ConfigDict):
+    return [], {}
+  if section.get("kind") in ("rl", "distill") and "size" in data:
+    edit = float(section.edit_fraction if section.kind == "rl" else data.edit_fraction)
+    return [int(data.size)], {"t2i": 1.0 - edit, "edit": edit}
+  sides = [int(side) for side, _ in data.get("resolutions") or ()]
+  return sides, {task: data.get(f"{task}_weight") or 0 for task in ("t2i", "edit")}
+
+
 def _check_caches(config: ml_collections.ConfigDict, names: list[str]) -> None:
   for name in names:
-    data = config[name].get("data")
-    if not isinstance(data, ml_collections.ConfigDict):
-      continue
-    sides = [int(side) for side, _ in data.get("resolutions") or ()]
+    sides, weights = _cache_draws(config[name])
+    field = {"rl": "edit_fraction", "distill": "data.edit_fraction"}.get(
+        config[name].get("kind"), "data.{task}_weight")
     for task in ("t2i", "edit"):
-      weight = data.get(f"{task}_weight") or 0
+      weight = weights.get(task, 0)
       if weight <= 0:
         continue
       root = config.data[f"{task}_cache"]
@@ -314,7 +326,7 @@ def _check_caches(config: ml_collections.ConfigDict, names: list[str]) -> None:
       if problem:
         raise ConfigError(
             f"config.data.{task}_cache = {root!r}: {problem}; stage {name!r} draws {task} rows "
-            f"(config.{name}.data.{task}_weight = {weight}) at sides {sides} "
+            f"(config.{name}.{field.format(task=task)} gives weight {weight}) at sides {sides} "
             f"(build it with python -m data_pipelines.build_cache)")
 
 
@@ -336,6 +348,12 @@ def _check_weight_folders(config: ml_collections.ConfigDict, names: list[str]) -
               "neither a training run (checkpoints/) nor a diffusers AutoencoderTiny folder "
               "(config.json + diffusion_pytorch_model.safetensors)")
       raise ConfigError(f"config.model.vae_checkpoint = {vae!r}: {what}")
+  for name in names:
+    reward = config[name].get("reward")
+    if config[name].get("kind") == "rl" and reward is not None and reward.name == "clip":
+      if not reward.path or not epath.Path(reward.path).is_dir():
+        raise ConfigError(f"config.{name}.reward.path = {reward.path!r}: the clip reward needs "
+                          f"a local CLIP folder (transformers layout, safetensors)")
   spec = config.model.text_encoder.spec
   if spec and not spec.startswith("tiny:") and not epath.Path(spec).is_dir():
     raise ConfigError(f"config.model.text_encoder.spec = {spec!r}: not a directory (a local "
@@ -355,6 +373,10 @@ def _check_devices(config: ml_collections.ConfigDict, names: list[str], device_c
   shards = shape["data"] * shape["fsdp"]
   for name in names:
     section = config[name]
+    if section.get("kind") in ("rl", "distill") and process_count > 1:
+      raise ConfigError(f"config.{name}: a {section.kind} stage runs on one process (its "
+                        f"rollouts / teacher pool are sampled on one host); run it without "
+                        f"--coordinator/--distributed ({process_count} processes here)")
     if not _has(section, "train.batch_size"):
       continue
     batch = section.train.batch_size
