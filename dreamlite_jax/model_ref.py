@@ -67,7 +67,7 @@ def log_to_console() -> None:
 
 def read_run_config(checkpoint_dir: str, step: int = -1) -> dict:
   """The run config (JSON dict) stored with a training checkpoint (`config` item)."""
-  directory = checkpoints._resolve_checkpoints(checkpoint_dir)
+  directory = checkpoints.resolve_checkpoints(checkpoint_dir)
   if not os.path.isdir(directory):
     raise FileNotFoundError(f"checkpoint directory not found: {checkpoint_dir}")
   options = ocp.CheckpointManagerOptions(read_only=True)
@@ -232,7 +232,12 @@ class ModelRef:
     if (os.path.isfile(os.path.join(source, "config.json"))
         and not os.path.isdir(os.path.join(source, checkpoints.CHECKPOINT_SUBDIR))):
       config, params = weights.load_vae_dir(source, log=self.note)
-      if self.vae_config is not None and config != self.vae_config:
+      if self.vae_config is None:
+        return config, params
+      # The run's config decides the compute dtypes; the folder, the network's shape.
+      config = dataclasses.replace(config, dtype=self.vae_config.dtype,
+                                   param_dtype=self.vae_config.param_dtype)
+      if config != self.vae_config:
         raise ValueError(f"{source} holds a VAE with {config}, but {self.path} was trained with "
                          f"{self.vae_config}")
       return config, params
@@ -303,7 +308,7 @@ def _resolve_diffusers(path: str, log: Log | None) -> ModelRef:
 
 
 def _resolve_run(path: str, step: int, log: Log | None) -> ModelRef:
-  directory = checkpoints._resolve_checkpoints(path)
+  directory = checkpoints.resolve_checkpoints(path)
   if not os.path.isdir(directory):
     raise FileNotFoundError(f"{path}: neither a training run (checkpoints/) nor a diffusers "
                             f"DreamLite folder (model_index.json, unet/)")

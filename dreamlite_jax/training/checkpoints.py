@@ -121,7 +121,7 @@ def restore(manager: ocp.CheckpointManager, abstract_state: TrainState,
   return restored["state"], restored["data"]
 
 
-def _resolve_checkpoints(path: str) -> str:
+def resolve_checkpoints(path: str) -> str:
   """Accepts a workdir or its `checkpoints/` directory."""
   path = os.path.abspath(path)
   nested = os.path.join(path, CHECKPOINT_SUBDIR)
@@ -186,7 +186,7 @@ def load_params(checkpoint_dir: str, step: int = -1, ema: bool = False) -> Any:
   unet_dir = weights.find_unet_dir(checkpoint_dir)
   if unet_dir is not None:
     return weights.load_unet_dir(unet_dir)[1]
-  directory = _resolve_checkpoints(checkpoint_dir)
+  directory = resolve_checkpoints(checkpoint_dir)
   if not os.path.isdir(directory):
     raise FileNotFoundError(f"checkpoint directory not found: {checkpoint_dir}")
   tree = _restore_params_and_ema(directory, step, None)
@@ -222,7 +222,7 @@ def _start_params(field: str, path: str, step: int, abstract_state: TrainState
                         f"(config.model.unet):\n{e}") from e
     # The folder holds one set of weights: the EMA starts from them as well.
     return params, jax.tree.map(jnp.copy, params), f"{unet_dir} (diffusers weights as params + EMA)"
-  directory = _resolve_checkpoints(path)
+  directory = resolve_checkpoints(path)
   if not os.path.isdir(directory):
     raise ConfigError(f"{field} = {path!r}: neither a checkpoint directory nor a diffusers "
                       f"DreamLite folder")
