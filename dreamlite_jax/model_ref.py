@@ -280,8 +280,8 @@ def _resolve_diffusers(path: str, log: Log | None) -> ModelRef:
   index = weights.read_model_index(path, ref.note)
   if index.get("_class_name") == "DreamLiteMobilePipeline":
     ref.steps, ref.guidance = 4, None
-    ref.note(f"{path}: a DreamLiteMobilePipeline (distilled): samples with 4 steps and no "
-             f"guidance")
+    ref.note(f"{path}: a DreamLiteMobilePipeline (distilled): it samples with 4 steps and no "
+             f"guidance (eval's default for it)")
   parts = {name: os.path.join(path, name) for name in ("vae", "text_encoder", "tokenizer",
                                                         "scheduler")}
   if os.path.isdir(parts["vae"]):
@@ -335,8 +335,8 @@ def _resolve_run(path: str, step: int, log: Log | None) -> ModelRef:
   if stage and section(job_config, f"{stage}.kind") == "distill":
     timesteps = section(job_config, f"{stage}.objective.student_timesteps") or ()
     ref.steps, ref.guidance = len(timesteps) or 4, None
-    ref.note(f"{path}: the student of the job's {stage!r} stage: samples with {ref.steps} "
-             f"steps and no guidance")
+    ref.note(f"{path}: the student of the job's {stage!r} stage: it samples with {ref.steps} "
+             f"steps and no guidance (eval's default for it)")
   return ref
 
 
