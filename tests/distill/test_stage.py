@@ -14,6 +14,7 @@ import numpy as np
 import optax
 import pytest
 
+from data_pipelines import latent_batches
 from dreamlite_jax import pipeline as pipeline_lib
 from dreamlite_jax import stages
 from dreamlite_jax.config import ConfigError
@@ -182,7 +183,7 @@ def test_stage_on_caches_distils_from_cached_conditions(tmp_path, parts):
   config.data = ml_collections.ConfigDict(dict(
       source="cache", t2i_cache=str(tmp_path / "t2i"), edit_cache=str(tmp_path / "edit"),
       num_threads=1, prefetch=2))
-  ctx = _ctx(config, tmp_path, parts)
+  ctx = _ctx(config, tmp_path, (None,) + parts[1:])  # no text encoder: cached features only
   os.makedirs(ctx.workdir)
   teacher = ckpt.load_params(str(tmp_path / "rl"))
   objective = distill_stage.objective_config(config.distill.objective)
@@ -192,6 +193,7 @@ def test_stage_on_caches_distils_from_cached_conditions(tmp_path, parts):
   edit = pool["is_edit"] > 0
   assert len(ids) == 6 and edit.any() and (~edit).any()
   assert (ids[edit] >= 1000).all() and (ids[~edit] < 1000).all()  # the caches' own rows
+  assert set(pool) == set(latent_batches.LOSS_KEYS) | {"ode_noise", "ode_target"}
   assert pool["ode_target"].shape == pool["latents"].shape
   results = distill_stage.run_stage(ctx)
   assert results["steps"] == 2 and np.isfinite(results["distill"]["student_vs_teacher_l1"])
