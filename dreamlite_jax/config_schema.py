@@ -25,6 +25,7 @@ from etils import epath
 
 from dreamlite_jax.config import ConfigError, require
 from dreamlite_jax.models import channel_concat
+from dreamlite_jax.models.weights import find_unet_dir
 from dreamlite_jax.models.unet import UNetConfig
 from dreamlite_jax.models.vae import VAEConfig
 from dreamlite_jax.training import mesh as mesh_lib
@@ -221,6 +222,11 @@ def _validate_dataclass_fields(config, field: str, cls: type, prefix: str = "con
 # --- the whole job --------------------------------------------------------------------------
 
 
+def is_model_path(parent: str) -> bool:
+  """Whether a stage's `parent` names a model outside the job (a path) rather than a stage."""
+  return "/" in parent or parent.startswith(".")
+
+
 def stage_names(config: ml_collections.ConfigDict) -> list[str]:
   """Names with a section that has a `kind`: the stages this config can run or name as parent."""
   return [k for k, v in config.items()
@@ -277,9 +283,10 @@ def validate_job(config: ml_collections.ConfigDict, names: list[str]) -> None:
     section = config[name]
     validate(section, f"config.{name}")
     parent = section.get("parent", "")
-    if parent and parent not in known:
+    if parent and parent not in known and not is_model_path(parent):
       raise ConfigError(f"config.{name}.parent = {parent!r}: not a stage of this config "
-                        f"(sections with a kind: {known})")
+                        f"(sections with a kind: {known}) nor a model path (a run, a job's "
+                        f"stage directory or a diffusers DreamLite folder)")
     check = _KIND_CHECKS.get(section.kind)
     if check is not None:
       check(config, name)
@@ -354,6 +361,12 @@ def _check_weight_folders(config: ml_collections.ConfigDict, names: list[str]) -
       if not reward.path or not epath.Path(reward.path).is_dir():
         raise ConfigError(f"config.{name}.reward.path = {reward.path!r}: the clip reward needs "
                           f"a local CLIP folder (transformers layout, safetensors)")
+  for name in names:
+    parent = config[name].get("parent", "")
+    if parent and is_model_path(parent) and not (
+        (epath.Path(parent) / "checkpoints").is_dir() or find_unet_dir(parent)):
+      raise ConfigError(f"config.{name}.parent = {parent!r}: neither a training run "
+                        f"(checkpoints/) nor a diffusers DreamLite folder (unet/)")
   spec = config.model.text_encoder.spec
   if spec and not spec.startswith("tiny:") and not epath.Path(spec).is_dir():
     raise ConfigError(f"config.model.text_encoder.spec = {spec!r}: not a directory (a local "

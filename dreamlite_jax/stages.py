@@ -40,7 +40,9 @@ job's files go through `etils.epath`.
 * `ctx.name`          the stage name (also its config section and sub-directory).
 * `ctx.workdir`       this stage's directory (create checkpoints, metrics, PNGs here).
 * `ctx.parent_workdir` the parent stage's directory (`config.<stage>.parent`), whose
-                      `checkpoints/` hold the U-Net to start from, or None.
+                      `checkpoints/` hold the U-Net to start from, or the model a `parent`
+                      path names (a run, a stage directory of another job, or a diffusers
+                      DreamLite folder such as the release), or None.
 * `ctx.parent_results` the parent's `DONE.json` results (dict), or {}.
 * `ctx.models`        `SharedModels`, built lazily once per job:
     `.unet_config` (UNetConfig), `.unet` (DreamLiteUNet module),
@@ -296,7 +298,8 @@ def upstream_stages(config: ml_collections.ConfigDict, stage: str) -> list[str]:
   stage (every diffusion stage trains on, samples through or exports the VAE's
   latents) unless `config.model.vae_checkpoint` names an external one."""
   section = config.get(stage) or {}
-  upstream = [section["parent"]] if section.get("parent") else []
+  parent = section.get("parent")
+  upstream = [parent] if parent and not config_schema.is_model_path(parent) else []
   if (section.get("kind") != "vae" and "vae" not in upstream
       and not config.model.get("vae_checkpoint")):
     upstream.append("vae")
@@ -375,6 +378,10 @@ def _parent(config: ml_collections.ConfigDict, stage: str, workdir: str) -> tupl
   parent = config[stage].get("parent", "")
   if not parent:
     return None, {}
+  if config_schema.is_model_path(parent):
+    # A model from outside the job (a run, another job's stage directory, a diffusers
+    # DreamLite folder such as the release): checkpoints.load_params / restore_or_init read it.
+    return absolute(parent), {}
   record = read_done(workdir, parent)
   if record is None:
     raise ConfigError(f"config.{stage}.parent = {parent!r}: that stage has not finished in "

@@ -310,3 +310,21 @@ def test_a_rerun_resumes_an_interrupted_stage_only_where_it_left_work(caches, ra
   with pytest.raises(ConfigError, match=r"pretrain_a: interrupted run .* \(pretrain_a\.train\.lr"):
     stages.run_job(config, workdir, log=lambda m: None)
   assert ran == ["pretrain_a", "pretrain_a"]
+
+
+def test_a_parent_may_name_a_model_outside_the_job(caches, tmp_path, ran):
+  """`parent` = a path (a run, another job's stage, a diffusers DreamLite folder such as the
+  release): accepted when it holds a model, named in one error when it does not."""
+  config = job_config(*caches)
+  config.pretrain_a.parent = str(tmp_path / "no_model")
+  with pytest.raises(ConfigError, match=r"config\.pretrain_a\.parent = '.*no_model': neither a "
+                                        r"training run \(checkpoints/\) nor a diffusers"):
+    stages.validate_job_config(config, stages.parse_stages(config))
+  (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+  config.pretrain_a.parent = str(tmp_path / "run")
+  stages.validate_job_config(config, stages.parse_stages(config))
+  assert stages.upstream_stages(config, "pretrain_a") == ["vae"]  # no stage of this job
+  config.pretrain_a.parent = "no_such_stage"
+  with pytest.raises(ConfigError, match="not a stage of this config"):
+    stages.validate_job_config(config, stages.parse_stages(config))
+  assert ran == []
