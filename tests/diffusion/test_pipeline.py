@@ -1,7 +1,6 @@
 """generate()/edit(): deterministic under a seed, seed- and input-dependent, batched."""
 import functools
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,22 +10,9 @@ from PIL import Image
 from dreamlite_jax import pipeline as pipeline_lib
 from dreamlite_jax.models.qwen3_vl import Qwen3VLConfig
 from dreamlite_jax.models.text_conditioning import TextEncoder
-from stand_ins import StandInVAE
+from stand_ins import StandInUNet, StandInVAE
 
 SIZE = 32
-
-
-class StandInUNet(nn.Module):
-  """The U-Net call signature with a few layers that use every input."""
-
-  @nn.compact
-  def __call__(self, sample, timestep, text, text_mask, time_ids):
-    m = text_mask.astype(jnp.float32)[..., None]
-    pooled = (text * m).sum(1) / jnp.maximum(m.sum(1), 1.0)
-    h = nn.Conv(8, (3, 3))(sample)
-    h = h + nn.Dense(8)(pooled)[:, None, None] + nn.Dense(8)(timestep[:, None] / 1000.0)[:, None, None]
-    h = h + nn.Dense(8)(time_ids / 1024.0)[:, None, None]
-    return nn.Conv(4, (3, 3))(nn.silu(h))
 
 
 @functools.lru_cache(maxsize=1)

@@ -6,7 +6,6 @@ import json
 import os
 import types
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -27,24 +26,11 @@ from dreamlite_jax.training import distill_stage
 from dreamlite_jax.training import state as state_lib
 from experiments import dreamlite_1024_distill
 from experiments import train_defaults
-from stand_ins import StandInVAE
+from stand_ins import StandInUNet, StandInVAE
 
 from cache_records import write_cache
 
 SIZE = 32
-
-
-class StandInUNet(nn.Module):
-  """The U-Net signature; a named `mid_block` gives the GAN head its features."""
-
-  @nn.compact
-  def __call__(self, sample, timestep, text, text_mask, time_ids):
-    m = text_mask.astype(jnp.float32)[..., None]
-    pooled = (text * m).sum(1) / jnp.maximum(m.sum(1), 1.0)
-    h = nn.Conv(8, (3, 3))(sample)
-    h = h + nn.Dense(8)(pooled)[:, None, None] + nn.Dense(8)(timestep[:, None] / 1000.0)[:, None, None]
-    h = nn.Dense(8, name="mid_block")(nn.silu(h))
-    return nn.Conv(4, (3, 3))(nn.silu(h))
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,6 @@ import os
 import re
 import types
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -31,22 +30,10 @@ from experiments import train_defaults
 
 from cache_records import write_cache
 from clip_fixture import write_tiny_clip
-from stand_ins import StandInVAE
+from stand_ins import StandInUNet, StandInVAE
 
 SIZE, TEXT_LENGTH, TEXT_DIM = 32, 8, 16
 CACHED_PROMPT = re.compile(r"(t2i|edit) \d+")  # cache_records' prompts
-
-
-class StandInUNet(nn.Module):
-  """The U-Net's signature, small enough to compile in a second."""
-
-  @nn.compact
-  def __call__(self, sample, timestep, text, text_mask, time_ids):
-    m = text_mask.astype(jnp.float32)[..., None]
-    pooled = (text * m).sum(1) / jnp.maximum(m.sum(1), 1.0)
-    h = nn.Conv(8, (3, 3))(sample)
-    h = h + nn.Dense(8)(pooled)[:, None, None] + nn.Dense(8)(timestep[:, None] / 1000.0)[:, None, None]
-    return nn.Conv(4, (3, 3))(nn.silu(h))
 
 
 @pytest.fixture(scope="module")
