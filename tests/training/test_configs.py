@@ -19,15 +19,18 @@ PRETRAIN = STAGES[:4]
 
 @pytest.fixture(scope="module")
 def paths(tmp_path_factory):
-  """Overrides pointing the job at stand-ins: caches with every side, a VAE run dir."""
+  """Overrides pointing the job at stand-ins: caches with every side, a VAE run dir, a CLIP
+  folder for the RL reward."""
   root = tmp_path_factory.mktemp("paper")
   for task in ("t2i", "edit"):
     for side in (512, 768, 1024):
       os.makedirs(root / task / str(side))
       (root / task / str(side) / config_schema.CACHE_INFO).write_text("{}")
   os.makedirs(root / "vae" / "checkpoints")
+  os.makedirs(root / "clip")
   return [f"--config.data.t2i_cache={root / 't2i'}", f"--config.data.edit_cache={root / 'edit'}",
-          f"--config.model.vae_checkpoint={root / 'vae'}"]
+          f"--config.model.vae_checkpoint={root / 'vae'}",
+          f"--config.rl.reward.path={root / 'clip'}"]
 
 
 def _load(paths, path=JOB, *overrides):
@@ -44,6 +47,12 @@ def test_every_stage_file_is_the_job_with_one_stage(paths):
     assert config.stages == stage
     config.stages = job.stages
     assert config.to_dict() == job.to_dict(), stage
+
+
+def test_the_rl_reward_folder_is_required_before_any_stage(paths):
+  with pytest.raises(ConfigError, match=r"config\.rl\.reward\.path = '': the clip reward needs"):
+    _load(paths[:-1])
+  _load(paths[:-1], "experiments/dreamlite_1024_sft.py")  # a job without rl does not need it
 
 
 def test_model_and_chain(paths):
