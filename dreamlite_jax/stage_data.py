@@ -94,10 +94,21 @@ def text_shape(ctx: Any, section: ml_collections.ConfigDict) -> tuple[int, int]:
   return int(length), int(dim)
 
 
+def fixed_cache_batches(config: ml_collections.ConfigDict, side: int, count: int, seed: int,
+                        edit_fraction: float, keep_prompts: bool = False
+                        ) -> latent_batches.ProgressiveBatches:
+  """Endless batches of `count` cached conditions at one image `side`, T2I and edit at
+  `edit_fraction`, the whole global batch on every process: the sets every process must
+  agree on (sample grids, RL prompts, the distillation pool)."""
+  mix = ml_collections.ConfigDict(dict(data=dict(
+      t2i_weight=1.0 - float(edit_fraction), edit_weight=float(edit_fraction),
+      resolutions=((int(side), 0),))))
+  return cache_batches(config, mix, count, seed, keep_prompts=keep_prompts, everything=True)
+
+
 def sample_conditions(config: ml_collections.ConfigDict, section: ml_collections.ConfigDict,
                       side: int, count: int, seed: int) -> dict[str, np.ndarray]:
-  """`count` fixed cached conditions at `side` (the same on every process), with prompts."""
-  fixed = ml_collections.ConfigDict(section.to_dict())
-  fixed.data.resolutions = ((side, 0),)
-  batches = cache_batches(config, fixed, count, seed, keep_prompts=True, everything=True)
-  return next(batches)
+  """`count` fixed cached conditions at `side` (the same on every process), with prompts,
+  at the section's T2I : edit mix."""
+  return next(fixed_cache_batches(config, side, count, seed, edit_fraction(section),
+                                  keep_prompts=True))

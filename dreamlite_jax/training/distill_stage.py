@@ -166,11 +166,8 @@ def build_cached_pool(config: ml_collections.ConfigDict, pipe: Any,
                       objective: distill.DistillConfig) -> dict[str, np.ndarray]:
   """`data.pool_size` cached conditions at `data.size` (T2I and edit at
   `data.edit_fraction`), the same on every process, plus the teacher ODE pairs."""
-  mix = ml_collections.ConfigDict(dict(data=dict(
-      t2i_weight=1.0 - float(data.edit_fraction), edit_weight=float(data.edit_fraction),
-      resolutions=((int(data.size), 0),))))
-  pool = next(stage_data.cache_batches(config, mix, int(data.pool_size), int(data.seed),
-                                       everything=True))
+  pool = next(stage_data.fixed_cache_batches(config, data.size, int(data.pool_size),
+                                             int(data.seed), data.edit_fraction))
   if objective.regression_weight > 0:
     add_teacher_ode_pairs(pool, pipe, objective, data.seed)
   return pool

@@ -110,10 +110,8 @@ def prompt_stream(config: ml_collections.ConfigDict, section: ml_collections.Con
                   count: int, seed: int, size: int):
   """Endless batches of `count` cached conditions with prompts at `size`, T2I and edit at
   the section's edit_fraction (every process reads the same global batch)."""
-  edit = float(section.edit_fraction)
-  mix = ml_collections.ConfigDict(dict(data=dict(
-      t2i_weight=1.0 - edit, edit_weight=edit, resolutions=((size, 0),))))
-  return stage_data.cache_batches(config, mix, count, seed, keep_prompts=True, everything=True)
+  return stage_data.fixed_cache_batches(config, size, count, seed, section.edit_fraction,
+                                        keep_prompts=True)
 
 
 def _check_rows(name: str, section, method: str, grpo, nft, shards: int) -> None:
