@@ -386,10 +386,11 @@ def _check_devices(config: ml_collections.ConfigDict, names: list[str], device_c
   shards = shape["data"] * shape["fsdp"]
   for name in names:
     section = config[name]
-    if section.get("kind") in ("rl", "distill") and process_count > 1:
-      raise ConfigError(f"config.{name}: a {section.kind} stage runs on one process (its "
-                        f"rollouts / teacher pool are sampled on one host); run it without "
-                        f"--coordinator/--distributed ({process_count} processes here)")
+    prompts = section.get("prompts_per_iteration")
+    if section.get("kind") == "rl" and prompts is not None and prompts % process_count:
+      raise ConfigError(f"config.{name}.prompts_per_iteration = {prompts}: must be divisible "
+                        f"by jax.process_count() = {process_count} (each process rolls out "
+                        f"its prompts)")
     if not _has(section, "train.batch_size"):
       continue
     batch = section.train.batch_size

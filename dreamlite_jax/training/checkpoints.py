@@ -35,6 +35,7 @@ from etils import epath
 
 from dreamlite_jax.config import ConfigError
 from dreamlite_jax.models import weights
+from dreamlite_jax.training import mesh as mesh_lib
 from dreamlite_jax.training.state import TrainState
 
 log = logging.getLogger(__name__)
@@ -261,5 +262,5 @@ def restore_or_init(config: ml_collections.ConfigDict, manager: ocp.CheckpointMa
 
 
 def as_numpy(tree: Any) -> Any:
-  """Fully-addressable arrays -> numpy (for tests and exports)."""
-  return jax.tree.map(np.asarray, jax.device_get(tree))
+  """Arrays -> numpy, gathered from every process when sharded over several."""
+  return mesh_lib.to_host(tree)

@@ -220,8 +220,7 @@ def pool_batch(pool: dict[str, np.ndarray], step: int, batch_size: int, seed: in
   """This host's rows of the global batch of `step` (a pure function of (seed, step))."""
   n = len(pool["latents"])
   rows = np.random.default_rng([seed, step]).integers(0, n, batch_size)
-  per_host = batch_size // jax.process_count()
-  rows = rows[jax.process_index() * per_host:(jax.process_index() + 1) * per_host]
+  rows = rows[mesh_lib.host_rows(batch_size)]
   return {k: v[rows] for k, v in pool.items()}
 
 
@@ -355,9 +354,6 @@ def run_stage(ctx: Any) -> dict:
   objective = objective_config(section.objective)
   if section.train.accum_steps != 1:
     raise ConfigError(f"config.{ctx.name}.train.accum_steps must be 1 for distillation")
-  if jax.process_count() > 1:
-    raise ConfigError(f"config.{ctx.name}: the distill stage runs on one process (its teacher "
-                      f"pool is sampled on one host); run it without --coordinator/--distributed")
   teacher = ckpt.load_params(ctx.parent_workdir, ema=bool(section.teacher_ema))
   pipe = ctx.models.pipeline(teacher)
   check_deployed_schedule(objective, section.data.size, pipe.shift, pipe.vae_scale)

@@ -15,7 +15,7 @@ import flax.linen as nn
 import jax
 import ml_collections
 import numpy as np
-from jax.experimental import mesh_utils
+from jax.experimental import mesh_utils, multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from dreamlite_jax.config import ConfigError
@@ -164,6 +164,36 @@ def shard_batch(batch: Any, mesh: Mesh) -> Any:
     return jax.make_array_from_process_local_data(sharding, x)
 
   return jax.tree_util.tree_map_with_path(put, batch)
+
+
+def host_rows(n: int) -> slice:
+  """This process's contiguous block of `n` global rows (the loader's split, so a global
+  batch is the same whatever the process count)."""
+  count, index = jax.process_count(), jax.process_index()
+  if n % count:
+    raise ValueError(f"{n} global rows do not split over {count} processes")
+  per_host = n // count
+  return slice(index * per_host, (index + 1) * per_host)
+
+
+def gather_rows(x: np.ndarray) -> np.ndarray:
+  """Every process's block of rows (host-local numpy), concatenated in process order."""
+  x = np.asarray(x)
+  if jax.process_count() == 1:
+    return x
+  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def host_value(x: jax.Array) -> np.ndarray:
+  """A replicated (possibly multi-process) array -> numpy, from this host's copy."""
+  return np.asarray(x.addressable_data(0))
+
+
+def to_host(tree: Any) -> Any:
+  """Arrays (sharded over any number of processes) -> full numpy copies on every process."""
+  if jax.process_count() == 1:
+    return jax.tree.map(np.asarray, jax.device_get(tree))
+  return jax.tree.map(np.asarray, multihost_utils.process_allgather(tree, tiled=True))
 
 
 def wait_on_cpu_mesh(tree: Any, mesh: Mesh) -> Any:

@@ -30,8 +30,10 @@ step on prompts_per_iteration examples. Reported: reward before/after, the train
 the distance to the reference (GRPO: KL; NFT: mean squared velocity change) and a sample
 diversity figure (mean per-pixel std within a prompt's group), first vs last iteration.
 
-The stage runs on one process (its rollouts are sampled on one host; several devices
-are fine: updates shard over the job's mesh). The TrainState is born sharded on the
+On several processes each one rolls out, decodes and rewards its own block of every
+iteration's prompts (a prompt's whole group on one process, so group advantages stay
+local) with a gathered copy of the params, and the updates shard those rows over the
+job's mesh; logged rewards are over all processes. The TrainState is born sharded on the
 mesh and checkpointed with the shared orbax manager, with the prompt stream's state, so
 a re-run resumes at the last saved iteration with the next prompts.
 
@@ -114,10 +116,15 @@ def prompt_stream(config: ml_collections.ConfigDict, section: ml_collections.Con
                                         keep_prompts=True)
 
 
-def _check_rows(name: str, section, method: str, grpo, nft, shards: int) -> None:
-  """An iteration's update rows split into num_minibatches minibatches (ReFL: one step
-  on prompts_per_iteration rows), each a multiple of the mesh's data shards."""
+def _check_rows(name: str, section, method: str, grpo, nft, shards: int,
+                processes: int) -> None:
+  """An iteration's prompts split over the processes; its update rows split into
+  num_minibatches minibatches (ReFL: one step on prompts_per_iteration rows), each a
+  multiple of the mesh's data shards."""
   prompts, minibatches = int(section.prompts_per_iteration), int(section.num_minibatches)
+  if prompts % processes:
+    raise ConfigError(f"config.{name}.prompts_per_iteration = {prompts}: must be divisible by "
+                      f"jax.process_count() = {processes} (each process rolls out its prompts)")
   if method == "refl":
     rows, what, minibatches = prompts, "prompts_per_iteration", 1
   elif method == "nft":
@@ -140,55 +147,69 @@ def group_diversity(images: np.ndarray, group: int) -> float:
   return float(x.std(axis=1).mean())
 
 
+def _iteration_noise(seed: int, it: int, rows: int, shape: tuple) -> np.ndarray:
+  """This process's block of the iteration's global starting noise `[rows, *shape]`."""
+  noise = jax.random.normal(jax.random.PRNGKey(seed * 100_003 + it), (rows, *shape))
+  return np.asarray(noise[mesh_lib.host_rows(rows)])
+
+
 def _grpo_iteration(config, state, items, group, conditioner, rollout, reference, sigmas,
                     reward, step_fn, mesh, rng, it, section) -> dict:
-  """One Flow-GRPO iteration: roll out, reward, advantages, minibatch updates."""
-  condition, cond, uncond, sources = conditioner(items, group)
-  noise = np.asarray(jax.random.normal(jax.random.PRNGKey(config.seed * 100_003 + it),
-                                       condition.shape))
-  out = rollout(jax.device_get(state.params), reference, noise, condition, sigmas, cond,
-                uncond, jax.random.PRNGKey(it + 1))
+  """One Flow-GRPO iteration on this process's prompts: roll out, reward, advantages
+  (a prompt's group is on one process), minibatch updates."""
+  mine = items[mesh_lib.host_rows(len(items))]
+  condition, cond, uncond, sources = conditioner(mine, group)
+  noise = _iteration_noise(config.seed, it, len(items) * group, condition.shape[1:])
+  out = rollout(mesh_lib.to_host(state.params), reference, noise, condition, sigmas, cond,
+                uncond, jax.random.fold_in(jax.random.PRNGKey(it + 1), jax.process_index()))
   images = conditioner.decode(out["latents"])
-  metas = [it_["metadata"] for it_ in items for _ in range(group)]
+  metas = [it_["metadata"] for it_ in mine for _ in range(group)]
   rewards = reward(images, metas, sources)
   adv = rl_grpo.group_advantages(rewards, group)
   batch = rl_grpo.flatten_rollout(out, condition, sigmas, cond, uncond, adv)
   state, history = rl_grpo.update(step_fn, state, batch, int(section.num_minibatches), mesh,
                                   rng, config.seed * 7919 + it)
-  return _iteration_scalars(history, rewards, items, images, group, state)
+  return _iteration_scalars(history, rewards, mine, images, group, state)
 
 
 def _nft_iteration(config, state, items, nft, conditioner, pipeline, velocity, reference,
                    reward, step_fn, mesh, rng, it, section) -> dict:
-  """One DiffusionNFT iteration: sample with the pipeline's ODE, reward, optimality
-  probabilities, forward-process rows, minibatch updates."""
+  """One DiffusionNFT iteration on this process's prompts: sample with the pipeline's
+  ODE, reward, optimality probabilities, forward-process rows, minibatch updates."""
   group = nft.group_size
-  condition, cond, uncond, sources = conditioner(items, group)
-  params = jax.device_get(state.params)
-  noise = jax.random.normal(jax.random.PRNGKey(config.seed * 100_003 + it), condition.shape)
+  mine = items[mesh_lib.host_rows(len(items))]
+  condition, cond, uncond, sources = conditioner(mine, group)
+  params = mesh_lib.to_host(state.params)
+  noise = _iteration_noise(config.seed, it, len(items) * group, condition.shape[1:])
   guided = nft.guidance > 0
   latents = np.asarray(pipeline(params).denoise(
-      noise, jnp.asarray(condition), cond, uncond if guided else None, nft.sample_steps,
-      nft.guidance if guided else None, (nft.image_guidance or None) if guided else None))
+      jnp.asarray(noise), jnp.asarray(condition), cond, uncond if guided else None,
+      nft.sample_steps, nft.guidance if guided else None,
+      (nft.image_guidance or None) if guided else None))
   images = conditioner.decode(latents)
-  metas = [it_["metadata"] for it_ in items for _ in range(group)]
+  metas = [it_["metadata"] for it_ in mine for _ in range(group)]
   rewards = reward(images, metas, sources)
   r = rl_nft.optimality(rl_grpo.group_advantages(rewards, group), nft.adv_clip)
   rows = rl_nft.training_rows(velocity, params, reference, latents, condition, cond, r,
-                              nft.noise_draws, group, np.random.default_rng([config.seed, it]))
+                              nft.noise_draws, group,
+                              np.random.default_rng([config.seed, it, jax.process_index()]))
   state, history = rl_grpo.update(step_fn, state, rows, int(section.num_minibatches), mesh,
                                   rng, config.seed * 7919 + it, block=group)
-  return _iteration_scalars(history, rewards, items, images, group, state)
+  return _iteration_scalars(history, rewards, mine, images, group, state)
 
 
 def _iteration_scalars(history, rewards, items, images, group, state) -> dict:
-  """Mean update metrics, train rewards (all, T2I, edit), diversity, and the new state."""
-  edit = np.array([it["source"] is not None for it in items for _ in range(group)])
+  """Mean update metrics, train rewards (all, T2I, edit) and diversity over every
+  process's rollouts, and the new state."""
+  edit = mesh_lib.gather_rows(np.array([it["source"] is not None for it in items
+                                        for _ in range(group)]))
+  rewards = mesh_lib.gather_rows(np.asarray(rewards, np.float32))
   scalars = {k: float(np.mean([h[k] for h in history])) for k in history[0]}
   scalars.update(reward=float(rewards.mean()),
                  reward_t2i=float(rewards[~edit].mean()) if (~edit).any() else 0.0,
                  reward_edit=float(rewards[edit].mean()) if edit.any() else 0.0,
-                 diversity=group_diversity(images, group))
+                 diversity=float(mesh_lib.gather_rows(
+                     np.array([group_diversity(images, group)])).mean()))
   scalars["state"] = state
   return scalars
 
@@ -223,9 +244,6 @@ def run_stage(ctx) -> dict:
   if not ctx.parent_workdir:
     raise ConfigError(f"config.{name}.parent must name the stage RL starts from (sft)")
   method = method_of(name, section)
-  if jax.process_count() > 1:
-    raise ConfigError(f"config.{name}: the rl stage runs on one process (its rollouts are "
-                      f"sampled on one host); run it without --coordinator/--distributed")
   cached = stage_data.source(ctx.config) == "cache"
   if cached and "size" not in section.get("data", {}):
     raise ConfigError(f"config.{name}.data.size is required with data.source = 'cache': the "
@@ -237,7 +255,8 @@ def run_stage(ctx) -> dict:
   nft = rl_nft.NFTConfig(**(section.nft.to_dict() if "nft" in section else {}))
   group, prompts = grpo.group_size, int(section.prompts_per_iteration)
   mesh = mesh_lib.make_mesh(config.mesh)
-  _check_rows(name, section, method, grpo, nft, mesh.shape["data"] * mesh.shape["fsdp"])
+  _check_rows(name, section, method, grpo, nft, mesh.shape["data"] * mesh.shape["fsdp"],
+              jax.process_count())
   reward = load_reward(name, section, method, cached)
 
   tx = state_lib.make_optimizer(config.train)
@@ -267,12 +286,16 @@ def run_stage(ctx) -> dict:
       ema_decay=config.train.ema_decay)
   schedule = state_lib.make_schedule(config.train)
   step_fn = lambda state, batch, rng: jitted_step(
-      state, batch, rng, step_lib.learning_rate(schedule, int(jax.device_get(state.step))))
+      state, batch, rng, step_lib.learning_rate(schedule, int(mesh_lib.host_value(state.step))))
   rollout = rl_grpo.make_rollout(predict, grpo)
   velocity = rl_nft.make_velocity(predict)
   sigmas = flow.sampling_sigmas(int(section.sample_steps), 0.0)
-  rng = jax.device_put(np.asarray(jax.device_get(state.rng)), mesh_lib.replicated(mesh))
+  rng = jax.make_array_from_process_local_data(mesh_lib.replicated(mesh),
+                                               mesh_lib.host_value(state.rng))
 
+  # Every process rolls out its block of each iteration's prompts and evaluates the
+  # whole fixed set (the same figures everywhere); process 0 writes the files.
+  is_main = jax.process_index() == 0
   if cached:
     conditioner = rl_cached.CachedConditioner(models)
     held = next(prompt_stream(ctx.config, section, int(section.eval.count),
@@ -285,7 +308,9 @@ def run_stage(ctx) -> dict:
     def evaluate(params, grid: str) -> dict:
       scores = rl_cached.reward_scores(models.pipeline(params), held, section.eval.sampler,
                                        reward, conditioner)
-      metrics_lib.write_grid(os.path.join(ctx.workdir, grid), scores.pop("images"))
+      images = scores.pop("images")
+      if is_main:
+        metrics_lib.write_grid(os.path.join(ctx.workdir, grid), images)
       return scores
   else:
     conditioner = rl_shapes.Conditioner(models, size)
@@ -294,7 +319,7 @@ def run_stage(ctx) -> dict:
                                                    size, PROMPT_SEED + ctx.config.seed)
     evaluate = lambda params, grid: shapes_stage.evaluate(
         models.pipeline(params), sets, section.eval.sampler,
-        grid_dir=ctx.workdir if grid == "samples.png" else None, prefix="samples_")
+        grid_dir=ctx.workdir if grid == "samples.png" and is_main else None, prefix="samples_")
 
   results_path = os.path.join(ctx.workdir, "rl_progress.json")
   progress = {}
@@ -303,16 +328,16 @@ def run_stage(ctx) -> dict:
       progress = json.load(f)
   if "before" not in progress:
     progress["before"] = evaluate(reference, "samples_before.png")
-  writer = metrics_lib.MetricsWriter(ctx.workdir)
+  writer = metrics_lib.MetricsWriter(ctx.workdir, enabled=is_main)
   start = int(data_state["iteration"]) if data_state else 0
   iterations = int(section.iterations)
   t0 = time.time()
   for it in range(start, iterations):
     items = next_items(it)
     if method == "refl":
-      batch = refl_batch(conditioner, reward, items)
+      batch = refl_batch(conditioner, reward, items[mesh_lib.host_rows(len(items))])
       state, metrics = step_fn(state, mesh_lib.shard_batch(batch, mesh), rng)
-      scalars = {k: float(np.asarray(v.addressable_data(0))) for k, v in metrics.items()}
+      scalars = {k: float(mesh_lib.host_value(v)) for k, v in metrics.items()}
     elif method == "nft":
       scalars = _nft_iteration(config, state, items, nft, conditioner, models.pipeline, velocity,
                                reference, reward, step_fn, mesh, rng, it, section)
@@ -324,14 +349,16 @@ def run_stage(ctx) -> dict:
     writer.write(it + 1, scalars)
     writer.flush()
     progress.setdefault("iterations", []).append({"iteration": it + 1, **scalars})
-    print(f"[rl:{method}] iteration {it + 1}/{iterations}: reward {scalars['reward']:.3f} "
-          f"loss {scalars['loss']:.4f} ({time.time() - t0:.0f}s)", flush=True)
+    if is_main:
+      print(f"[rl:{method}] iteration {it + 1}/{iterations}: reward {scalars['reward']:.3f} "
+            f"loss {scalars['loss']:.4f} ({time.time() - t0:.0f}s)", flush=True)
     if (it + 1) % int(section.checkpoint_every) == 0 or it + 1 == iterations:
       data = {"iteration": it + 1, **({"prompts": stream.get_state()} if cached else {})}
       ckpt.save(manager, state, data, config)
       manager.wait_until_finished()
-      with open(results_path, "w") as f:
-        json.dump(progress, f)
+      if is_main:
+        with open(results_path, "w") as f:
+          json.dump(progress, f)
   manager.close()
   writer.close()
 
@@ -349,9 +376,10 @@ def run_stage(ctx) -> dict:
           "method": method, "reward": reward_name}
     scores = {"rl": rl, "before": progress["before"], "after": after}
     grids = ["samples_t2i.png", "samples_edit.png"]
-  with open(os.path.join(ctx.workdir, "scores.json"), "w") as f:
-    json.dump(scores, f, indent=2)
-  out = {"steps": int(jax.device_get(state.step)),
+  if is_main:
+    with open(os.path.join(ctx.workdir, "scores.json"), "w") as f:
+      json.dump(scores, f, indent=2)
+  out = {"steps": int(mesh_lib.host_value(state.step)),
          "final_loss": log[-1]["loss"] if log else None, "rl": rl, "source": source,
          "sample_grids": grids}
   if not cached:

@@ -83,11 +83,6 @@ class _StopFlag:
     return bool(np.max(flags))
 
 
-def _host_value(x: jax.Array) -> np.ndarray:
-  """A replicated (possibly multi-process) array -> numpy, from this host's copy."""
-  return np.asarray(x.addressable_data(0))
-
-
 def _signature(batch: Any) -> tuple:
   return tuple((jax.tree_util.keystr(p), np.shape(x), np.asarray(x).dtype.str)
                for p, x in jax.tree_util.tree_flatten_with_path(batch)[0])
@@ -139,8 +134,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, loss_fn: step_lib.Los
   step_fn = step_lib.make_train_step(
       loss_fn, tx, mesh, shardings, accum_steps=train_cfg.accum_steps,
       compute_dtype=state_lib.DTYPES[train_cfg.compute_dtype], ema_decay=train_cfg.ema_decay)
-  rng = jax.make_array_from_process_local_data(mesh_lib.replicated(mesh), _host_value(state.rng))
-  start_step = int(_host_value(state.step))
+  rng = jax.make_array_from_process_local_data(mesh_lib.replicated(mesh), mesh_lib.host_value(state.rng))
+  start_step = int(mesh_lib.host_value(state.step))
   total = train_cfg.steps
   writer = metrics_lib.MetricsWriter(workdir, enabled=is_main)
   bar = tqdm(total=total, initial=start_step, desc=os.path.basename(os.path.abspath(workdir)),
@@ -159,7 +154,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, loss_fn: step_lib.Los
 
   def flush_metrics():
     for at, values in pending:
-      scalars = {k: float(_host_value(v)) for k, v in values.items()}
+      scalars = {k: float(mesh_lib.host_value(v)) for k, v in values.items()}
       history.append({"step": at, **scalars})
       writer.write(at, scalars)
     if pending and is_main:
