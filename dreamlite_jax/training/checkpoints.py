@@ -234,7 +234,7 @@ def _start_params(field: str, path: str, step: int, abstract_state: TrainState
 
 def restore_or_init(config: ml_collections.ConfigDict, manager: ocp.CheckpointManager,
                     abstract_state: TrainState, create: Callable[[], TrainState],
-                    start_from: Callable[[Any, Any], TrainState],
+                    start_from: Callable[[Any, Any], TrainState] | None,
                     ) -> tuple[TrainState, Any, str]:
   """The resume order, written once. Returns (state, data_state or None, source).
 
@@ -252,6 +252,9 @@ def restore_or_init(config: ml_collections.ConfigDict, manager: ocp.CheckpointMa
     return state, data_state, f"resumed from {manager.directory} step {int(state.step)}"
   field, path = init_source(config)
   if path:
+    if start_from is None:
+      raise ConfigError(f"{field} = {path!r}: this stage starts fresh or from "
+                        f"its own checkpoints only")
     init_from = config.init_from
     params, ema_params, what = _start_params(field, path, init_from.step, abstract_state)
     start = ema_params if init_from.ema_as_params else params

@@ -144,6 +144,19 @@ class DistillState:
     """Student updates so far (the stage's step counter; checkpoints are named by it)."""
     return self.student.step
 
+  @property
+  def rng(self) -> jax.Array:
+    return self.student.rng
+
+  @property
+  def params(self) -> Any:
+    """The student's (what the trainer samples with)."""
+    return self.student.params
+
+  @property
+  def ema_params(self) -> Any:
+    return self.student.ema_params
+
 
 # ----------------------------------------------------------------------------
 # Batch -> (x0 shape, condition, cond, uncond).
@@ -426,18 +439,18 @@ def create_distill_state(init_params: Callable[[jax.Array], Any], teacher_params
 
 def distill_step(models: DistillModels, config: DistillConfig,
                  tx_student: optax.GradientTransformation, tx_fake: optax.GradientTransformation,
-                 state: DistillState, teacher_params: Any, batch: dict, *,
-                 student_schedule: optax.Schedule, fake_schedule: optax.Schedule,
+                 state: DistillState, batch: dict, rng: jax.Array, lr: jax.Array,
+                 teacher_params: Any, *, fake_lr_scale: float,
                  compute_dtype: jnp.dtype = jnp.float32, ema_decay: float = 0.999
                  ) -> tuple[DistillState, dict]:
   """`config.fake_updates` fake-score updates, then one student update (not jitted).
 
   `tx_student` / `tx_fake` are unit-rate transformations (`state.make_optimizer`);
-  the schedules give each model's learning rate at its own update count.
-  Keys come from `fold_in(state.student.rng, state.step)`, so a resumed run
-  replays the same noise. Returns (new state, scalar metrics).
+  the student steps at `lr` and the fake score at `lr * fake_lr_scale` (one schedule,
+  the trainer's). Keys come from `fold_in(rng, state.step)`, so a resumed run replays
+  the same noise. Returns (new state, scalar metrics).
   """
-  key = jax.random.fold_in(state.student.rng, state.step)
+  key = jax.random.fold_in(rng, state.step)
   k_x0, k_fresh, k_fake, k_student = jax.random.split(key, 4)
   cast = lambda p: state_lib.cast_params(p, compute_dtype)
   teacher = cast(teacher_params)
@@ -453,7 +466,7 @@ def distill_step(models: DistillModels, config: DistillConfig,
 
     (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(fake.params)
     fake, grad_norm, finite = step_lib.apply_gradients(fake, loss, grads, tx_fake,
-                                                       fake_schedule(fake.step), ema_decay)
+                                                       lr * fake_lr_scale, ema_decay)
     return fake, dict(metrics, fake_grad_norm=grad_norm, fake_finite=finite.astype(jnp.float32))
 
   def fresh_x0(rng):
@@ -488,11 +501,12 @@ def distill_step(models: DistillModels, config: DistillConfig,
   (grads,) = x0_vjp(x0_grad)
   metrics["student_index_mean"] = jnp.mean(index.astype(jnp.float32))
   student, grad_norm, finite = step_lib.apply_gradients(
-      state.student, loss, grads, tx_student, student_schedule(state.student.step), ema_decay)
+      state.student, loss, grads, tx_student, lr, ema_decay)
   out = {k: jnp.mean(v.astype(jnp.float32)) for k, v in metrics.items()}
   out.update({k: jnp.mean(v.astype(jnp.float32)) for k, v in fake_metrics.items()})
   out.update(loss=loss.astype(jnp.float32), grad_norm=grad_norm,
-             finite=finite.astype(jnp.int32), skipped=student.skipped + fake.skipped)
+             finite=finite.astype(jnp.int32), skipped=student.skipped + fake.skipped,
+             lr=jnp.asarray(lr, jnp.float32))
   return DistillState(student=student, fake=fake), out
 
 
@@ -500,24 +514,26 @@ def make_distill_step(models: DistillModels, config: DistillConfig,
                       tx_student: optax.GradientTransformation,
                       tx_fake: optax.GradientTransformation, mesh: Mesh,
                       state_shardings: DistillState, teacher_shardings: Any, *,
-                      student_schedule: optax.Schedule, fake_schedule: optax.Schedule,
-                      compute_dtype: jnp.dtype = jnp.float32, ema_decay: float = 0.999
-                      ) -> Callable:
-  """The jitted `(state, teacher_params, batch) -> (state, metrics)`.
+                      fake_lr_scale: float, compute_dtype: jnp.dtype = jnp.float32,
+                      ema_decay: float = 0.999) -> Callable:
+  """The jitted `(state, batch, rng, lr, teacher_params) -> (state, metrics)`: the
+  trainer's step signature with the frozen teacher as the extra argument.
 
-  State sharded as `state_shardings` (donated), the frozen teacher as
-  `teacher_shardings` (usually the student's param shardings), batch leaves
-  split over ('data', 'fsdp'), metrics replicated.
+  State sharded as `state_shardings` (donated), the teacher as `teacher_shardings`
+  (usually the student's param shardings), batch leaves split over ('data', 'fsdp'),
+  rng, lr and metrics replicated.
   """
-  def step(state, teacher_params, batch):
+  def step(state, batch, rng, lr, teacher_params):
     with nn.logical_axis_rules(mesh_lib.LOGICAL_AXIS_RULES):
-      return distill_step(models, config, tx_student, tx_fake, state, teacher_params, batch,
-                          student_schedule=student_schedule, fake_schedule=fake_schedule,
+      return distill_step(models, config, tx_student, tx_fake, state, batch, rng, lr,
+                          teacher_params, fake_lr_scale=fake_lr_scale,
                           compute_dtype=compute_dtype, ema_decay=ema_decay)
 
+  replicated = mesh_lib.replicated(mesh)
   return jax.jit(step,
-                 in_shardings=(state_shardings, teacher_shardings, mesh_lib.batch_sharding(mesh)),
-                 out_shardings=(state_shardings, mesh_lib.replicated(mesh)),
+                 in_shardings=(state_shardings, mesh_lib.batch_sharding(mesh), replicated,
+                               replicated, teacher_shardings),
+                 out_shardings=(state_shardings, replicated),
                  donate_argnums=(0,))
 
 

@@ -5,9 +5,9 @@ U-Net as the frozen teacher, builds a fixed pool of shapes-world conditions
 (T2I captions and edit triplets encoded once with the job's text encoder and
 VAE; with the regression on, each row also gets the teacher's guided ODE
 endpoint from a fixed noise, sampled once with the teacher's pipeline), runs
-`distill.make_distill_step` with periodic orbax checkpoints of the
-whole `DistillState` (an interrupted stage resumes from them; batches are a
-function of the step, so the data stream resumes too), then writes the student
+`distill.make_distill_step` through the trainer's loop (`trainer.run`: checkpoints of
+the whole `DistillState`, resume, preemption, metrics; batches are a function of the
+step, so the data stream resumes too), then writes the student
 as an ordinary train state under `<stage>/student/` (what pipelines, converters
 and child stages load) and scores four samplers on the same evaluation set:
 the teacher at full steps with guidance, the teacher naively at the student's
@@ -41,12 +41,12 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from tqdm import tqdm
 
 from data_pipelines import shapes
 from dreamlite_jax import stage_data
 from dreamlite_jax.config import ConfigError
 from dreamlite_jax.diffusion import flow
+from dreamlite_jax.preemption import raise_if_preempted
 from dreamlite_jax.eval import shapes_eval
 from dreamlite_jax.eval import shapes_stage
 from dreamlite_jax.training import checkpoints as ckpt
@@ -55,6 +55,7 @@ from dreamlite_jax.training import mesh as mesh_lib
 from dreamlite_jax.training import metrics as metrics_lib
 from dreamlite_jax.training import pretrain_loss
 from dreamlite_jax.training import state as state_lib
+from dreamlite_jax.training import trainer
 
 log = logging.getLogger(__name__)
 
@@ -224,6 +225,28 @@ def pool_batch(pool: dict[str, np.ndarray], step: int, batch_size: int, seed: in
   return {k: v[rows] for k, v in pool.items()}
 
 
+class PoolBatches:
+  """The trainer's data: `pool_batch` of step 0, 1, 2, ...; its state is the step, so a
+  resumed run draws the very next batch."""
+
+  def __init__(self, pool: dict[str, np.ndarray], batch_size: int, seed: int):
+    self.pool, self.batch_size, self.seed, self.step = pool, batch_size, seed, 0
+
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> dict:
+    batch = pool_batch(self.pool, self.step, self.batch_size, self.seed)
+    self.step += 1
+    return batch
+
+  def get_state(self) -> dict:
+    return {"step": self.step}
+
+  def set_state(self, state: dict) -> None:
+    self.step = int(state["step"])
+
+
 # ----------------------------------------------------------------------------
 # Evaluation.
 
@@ -263,19 +286,20 @@ def _abstract(tree: Any) -> Any:
   return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
 
 
-def train_student(ctx: Any, pipe: Any, objective: distill.DistillConfig, teacher: Any,
-                  pool: dict[str, np.ndarray]) -> tuple[distill.DistillState, int, int, dict]:
-  """Runs (or resumes) the distillation loop in `ctx.workdir`.
-
-  Returns (final state, start step, final step, last logged metrics).
-  """
-  section = ctx.section
+def distill_program(section: ml_collections.ConfigDict, mesh_config: ml_collections.ConfigDict,
+                    seed: int, unet: Any, objective: distill.DistillConfig, teacher: Any,
+                    example: dict[str, np.ndarray]) -> trainer.Program:
+  """The trainer's program of DMD2: the student and fake-score states, both started from
+  the teacher, and `distill.make_distill_step` with the frozen teacher as its extra
+  argument. The fake score steps at `fake_lr / train.lr` times the student's rate."""
   train_cfg = section.train
-  unet = pipe.unet
+  if train_cfg.lr <= 0:
+    raise ConfigError(f"config.distill.train.lr = {train_cfg.lr}: must be > 0 (the fake "
+                      f"score's rate is fake_lr / train.lr times the student's)")
   models = distill.DistillModels(
       predict_fn=pretrain_loss.unet_predict_fn(unet),
       features_fn=distill.unet_features_fn(unet) if objective.uses_gan else None)
-  example = {k: jnp.asarray(v[:1]) for k, v in pool.items()}
+  example = {k: jnp.asarray(v[:1]) for k, v in example.items()}
   canvas = jnp.concatenate([example["latents"]] * 2, axis=2)
   time_ids = example["time_ids"]
   unet_args = (canvas, jnp.zeros((1,)), example["text"], example["text_mask"], time_ids)
@@ -285,54 +309,30 @@ def train_student(ctx: Any, pipe: Any, objective: distill.DistillConfig, teacher
     cond = {"text": unet_args[2], "text_mask": unet_args[3], "time_ids": time_ids}
     feature_dim = jax.eval_shape(models.features_fn, teacher, canvas, unet_args[1], cond)[1].shape[-1]
 
-  mesh = mesh_lib.make_mesh(ctx.config.mesh)
-  tx_student = state_lib.make_optimizer(train_cfg)
-  fake_train = ml_collections.ConfigDict(train_cfg.to_dict())
-  fake_train.lr = section.fake_lr
-  fake_train.steps = train_cfg.steps * objective.fake_updates
-  fake_train.warmup_steps = train_cfg.warmup_steps * objective.fake_updates
-  tx_fake = state_lib.make_optimizer(fake_train)
-  state, shardings = distill.create_distill_state(init_params, teacher, objective, tx_student,
-                                                  tx_fake, mesh, ctx.config.seed, feature_dim)
-  teacher = jax.device_put(teacher, shardings.student.params)
-  manager = ckpt.make_manager(ckpt.checkpoint_dir(ctx.workdir), keep=train_cfg.keep_checkpoints,
-                              async_save=train_cfg.async_checkpoints)
-  if manager.latest_step() is not None:
-    state, _ = ckpt.restore(manager, _abstract(state))
+  mesh = mesh_lib.make_mesh(mesh_config)
+  tx = state_lib.make_optimizer(train_cfg)
+  state, shardings = distill.create_distill_state(init_params, teacher, objective, tx, tx, mesh,
+                                                  seed, feature_dim)
   step_fn = distill.make_distill_step(
-      models, objective, tx_student, tx_fake, mesh, shardings, shardings.student.params,
-      student_schedule=state_lib.make_schedule(train_cfg),
-      fake_schedule=state_lib.make_schedule(fake_train), compute_dtype=state_lib.DTYPES[train_cfg.compute_dtype], ema_decay=train_cfg.ema_decay)
-  writer = metrics_lib.MetricsWriter(ctx.workdir, enabled=jax.process_index() == 0)
-  start = step = int(jax.device_get(state.step))
-  metrics: dict[str, float] = {}
-  is_main = jax.process_index() == 0
-  # The first step compiles student, fake score and teacher together (minutes on CPU).
-  bar = tqdm(total=train_cfg.steps, initial=start, desc=os.path.basename(ctx.workdir),
-             disable=not (is_main and train_cfg.progress_bar), dynamic_ncols=True)
-  if is_main and start < train_cfg.steps:
-    bar.write(f"[distill] compiling the student + fake-score step "
-              f"({objective.fake_updates} fake updates per student update)")
-  try:
-    while step < train_cfg.steps:
-      batch = mesh_lib.shard_batch(pool_batch(pool, step, train_cfg.batch_size, section.data.seed),
-                                   mesh)
-      state, out = mesh_lib.wait_on_cpu_mesh(step_fn(state, teacher, batch), mesh)
-      step += 1
-      bar.update(1)
-      if step % train_cfg.log_every == 0 or step == train_cfg.steps:
-        metrics = {k: float(np.asarray(v.addressable_data(0))) for k, v in out.items()}
-        writer.write(step, metrics)
-        writer.flush()
-        bar.set_postfix(loss=f"{metrics.get('loss', float('nan')):.4f}")
-      if step % train_cfg.checkpoint_every == 0 or step == train_cfg.steps:
-        ckpt.save(manager, state, None, ctx.config)
-  finally:
-    bar.close()
-    manager.wait_until_finished()
-    manager.close()
-    writer.close()
-  return state, start, step, metrics
+      models, objective, tx, tx, mesh, shardings, shardings.student.params,
+      fake_lr_scale=float(section.fake_lr) / float(train_cfg.lr),
+      compute_dtype=state_lib.DTYPES[train_cfg.compute_dtype], ema_decay=train_cfg.ema_decay)
+  return trainer.Program(
+      step=step_fn, abstract_state=_abstract(state), create=lambda: state, start_from=None,
+      mesh=mesh, extra_args=(jax.device_put(teacher, shardings.student.params),),
+      param_count=state_lib.param_count(state.student.params))
+
+
+def train_student(ctx: Any, pipe: Any, objective: distill.DistillConfig, teacher: Any,
+                  pool: dict[str, np.ndarray]) -> trainer.TrainResult:
+  """Runs (or resumes) the distillation in `ctx.workdir` through the trainer."""
+  section = ctx.section
+  config = ctx.stage_config()
+  config.init_from.workdir = ""   # the teacher is the parent, loaded by the stage
+  program = distill_program(section, ctx.config.mesh, ctx.config.seed, pipe.unet, objective,
+                            teacher, pool)
+  return trainer.run(config, ctx.workdir, program,
+                     PoolBatches(pool, section.train.batch_size, section.data.seed))
 
 
 def save_student(workdir: str, student: state_lib.TrainState, config: Any) -> str:
@@ -362,7 +362,10 @@ def run_stage(ctx: Any) -> dict:
     pool = build_cached_pool(ctx.config, pipe, section.data, objective)
   else:
     pool = build_pool(pipe, section.data, objective)
-  state, _, step, metrics = train_student(ctx, pipe, objective, teacher, pool)
+  result = train_student(ctx, pipe, objective, teacher, pool)
+  raise_if_preempted(result, ctx.name)
+  state, step = result.state, result.final_step
+  metrics = result.history[-1] if result.history else {}
   checkpoint = save_student(ctx.workdir, state.student, ctx.config)
 
   eval_cfg = section.eval

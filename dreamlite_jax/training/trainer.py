@@ -1,11 +1,17 @@
-"""The training loop every stage runs: `train(config, workdir, loss_fn, data_iter, init_params)`.
+"""The training loop every stage runs: `run(config, workdir, program, data_iter)`.
 
-The loop owns everything around the pure step: the mesh, the resume order,
-AOT compilation (once per batch shape, so progressive resolutions recompile
-once each), metrics (progress bar, `metrics.jsonl`, TensorBoard), periodic
-sample grids, checkpoints every `train.checkpoint_every` steps and at the end,
-and SIGTERM/SIGINT: the current step finishes, a checkpoint is written, and
-`train` returns with `preempted=True`.
+A `Program` is a state on the mesh and its pure jitted step `(state, batch, rng, lr)
+-> (state, metrics)`: `loss_program` builds the one of a loss function (pretraining,
+SFT, the VAE, RL's losses; `train(config, workdir, loss_fn, data_iter, init_params)`
+is `run` of it), and distillation builds its two-model one. RL's rollouts are its
+data iterator.
+
+The loop owns everything around the step: the resume order, AOT compilation (once
+per batch shape, so progressive resolutions recompile once each), the learning-rate
+schedule (a step input), metrics (progress bar, `metrics.jsonl`, TensorBoard),
+periodic sample grids, checkpoints every `train.checkpoint_every` steps and at the
+end, and SIGTERM/SIGINT: the current step finishes, a checkpoint is written, and
+`run` returns with `preempted=True`.
 
 Data iterators yield host-local numpy batches `{name: [B_local, ...]}` and may
 expose `get_state()` / `set_state(state)` (grain iterators do); with them a
@@ -92,11 +98,61 @@ def _data_state(data_iter: Any) -> Any:
   return data_iter.get_state() if hasattr(data_iter, "get_state") else None
 
 
+@dataclasses.dataclass
+class Program:
+  """What `run` optimises: a state on the mesh and its pure step.
+
+  The state may be any pytree dataclass exposing `step`, `rng`, `params` and
+  `ema_params` (a `TrainState`; distillation's two-model `DistillState` exposes its
+  student's).
+
+  Attributes:
+    step: jitted `(state, batch, rng, lr, *extra_args) -> (state, metrics)`, state
+      donated; metrics hold at least `loss` and `skipped`.
+    abstract_state: the state's ShapeDtypeStructs with shardings (the restore target).
+    create: `() -> state`, the fresh state of a run with no checkpoint.
+    start_from: `(params, ema_params) -> state` for `config.init_from` (None: the
+      program starts only fresh or from its own checkpoints).
+    mesh: the mesh the state and batches live on.
+    extra_args: arrays passed after `lr` on every call (distillation's frozen teacher).
+    param_count: parameters of the trained model, for the start line.
+  """
+  step: Callable
+  abstract_state: Any
+  create: Callable[[], Any]
+  start_from: Callable[[Any, Any], Any] | None
+  mesh: jax.sharding.Mesh
+  extra_args: tuple = ()
+  param_count: int = 0
+
+
+def loss_program(config: ml_collections.ConfigDict, loss_fn: step_lib.LossFn,
+                 init_params: Callable[[jax.Array], Any],
+                 devices: list[jax.Device] | None = None) -> Program:
+  """The program of a loss function: a `TrainState` (params, AdamW, EMA) born sharded
+  by the params' logical axes, and the shared step (`step.make_train_step`)."""
+  train_cfg = config.train
+  mesh = mesh_lib.make_mesh(config.mesh, devices)
+  tx = state_lib.make_optimizer(train_cfg)
+  abstract_state, shardings = state_lib.state_shardings(init_params, tx, mesh)
+  mesh_lib.assert_params_sufficiently_sharded(abstract_state.params, shardings.params, mesh,
+                                              config.mesh.max_replicated_fraction)
+  step_fn = step_lib.make_train_step(
+      loss_fn, tx, mesh, shardings, accum_steps=train_cfg.accum_steps,
+      compute_dtype=state_lib.DTYPES[train_cfg.compute_dtype], ema_decay=train_cfg.ema_decay)
+  return Program(
+      step=step_fn, abstract_state=abstract_state,
+      create=lambda: state_lib.create_state(init_params, tx, mesh, config.seed),
+      start_from=lambda p, e: state_lib.state_from_params(p, e, tx, shardings, config.seed),
+      mesh=mesh, param_count=state_lib.param_count(abstract_state.params))
+
+
 def train(config: ml_collections.ConfigDict, workdir: str, loss_fn: step_lib.LossFn,
           data_iter: Iterator[Any], init_params: Callable[[jax.Array], Any], *,
           sample_fn: SampleFn | None = None,
           devices: list[jax.Device] | None = None) -> TrainResult:
-  """Trains `config.train.steps` steps in `workdir` (resuming whatever is there).
+  """Trains `loss_fn` for `config.train.steps` steps in `workdir` (resuming whatever is
+  there): `run` of `loss_program`.
 
   Args:
     config: the stage config (`train`, `mesh`, `init_from`, `seed` fields).
@@ -104,26 +160,49 @@ def train(config: ml_collections.ConfigDict, workdir: str, loss_fn: step_lib.Los
     loss_fn: `(params, batch, rng) -> (scalar loss, {name: scalar})`.
     data_iter: yields host-local batches `{name: [B / process_count, ...]}`.
     init_params: `rng -> params` with logical-axis boxes (`model.init(...)['params']`).
+    sample_fn: see `run`.
+    devices: the mesh's devices (default: all).
+  """
+  config_schema.validate_trainer(config)
+  return run(config, workdir, loss_program(config, loss_fn, init_params, devices), data_iter,
+             sample_fn=sample_fn)
+
+
+def _data_hook(data_iter: Any, name: str, default: Any) -> Any:
+  hook = getattr(data_iter, name, None)
+  return hook() if hook is not None else default
+
+
+def run(config: ml_collections.ConfigDict, workdir: str, program: Program,
+        data_iter: Iterator[Any], *, sample_fn: SampleFn | None = None) -> TrainResult:
+  """The training loop: `program` for `config.train.steps` steps in `workdir`.
+
+  Online data (RL rollouts) is sampled from the policy being trained, so the loop
+  talks to iterators that define any of:
+    `set_policy(state)`: called with the current state before every draw;
+    `at_boundary()`: False while the batches of a draw are only partly consumed;
+      checkpoints (periodic, final, preemption) wait for a boundary, so a resumed
+      run starts a fresh draw;
+    `metrics()`: host scalars of the latest draw (e.g. rewards), logged with the step.
+
+  Args:
+    config: the stage config (`train`, `init_from`, `seed` fields).
+    workdir: the run directory.
+    program: the state and step (`loss_program`, distillation's program).
+    data_iter: yields host-local batches; may expose `get_state()` / `set_state()`.
     sample_fn: `(params, step) -> images [N, H, W, 3]` (uint8 or [-1, 1] floats),
       called every `train.sample_every` steps on the (EMA) params; written to
       `workdir/samples/step_XXXXXXXX.png`.
-    devices: the mesh's devices (default: all).
   """
   config_schema.validate_trainer(config)
   train_cfg = config.train
   is_main = jax.process_index() == 0
-  mesh = mesh_lib.make_mesh(config.mesh, devices)
-  tx = state_lib.make_optimizer(train_cfg)
+  mesh = program.mesh
   schedule = state_lib.make_schedule(train_cfg)
-  abstract_state, shardings = state_lib.state_shardings(init_params, tx, mesh)
-  mesh_lib.assert_params_sufficiently_sharded(abstract_state.params, shardings.params, mesh,
-                                              config.mesh.max_replicated_fraction)
   manager = ckpt.make_manager(ckpt.checkpoint_dir(workdir), keep=train_cfg.keep_checkpoints,
                               async_save=train_cfg.async_checkpoints)
   state, data_state, source = ckpt.restore_or_init(
-      config, manager, abstract_state,
-      lambda: state_lib.create_state(init_params, tx, mesh, config.seed),
-      lambda p, e: state_lib.state_from_params(p, e, tx, shardings, config.seed))
+      config, manager, program.abstract_state, program.create, program.start_from)
   if data_state is not None:
     if not hasattr(data_iter, "set_state"):
       raise TypeError("the checkpoint holds a data iterator state but data_iter has no set_state()")
@@ -131,22 +210,19 @@ def train(config: ml_collections.ConfigDict, workdir: str, loss_fn: step_lib.Los
   elif source.startswith("resumed") and not hasattr(data_iter, "set_state"):
     log.warning("data_iter has no get_state/set_state: the resumed run restarts the data stream")
 
-  step_fn = step_lib.make_train_step(
-      loss_fn, tx, mesh, shardings, accum_steps=train_cfg.accum_steps,
-      compute_dtype=state_lib.DTYPES[train_cfg.compute_dtype], ema_decay=train_cfg.ema_decay)
-  rng = jax.make_array_from_process_local_data(mesh_lib.replicated(mesh), mesh_lib.host_value(state.rng))
+  rng = jax.make_array_from_process_local_data(mesh_lib.replicated(mesh),
+                                               mesh_lib.host_value(state.rng))
   start_step = int(mesh_lib.host_value(state.step))
   total = train_cfg.steps
   writer = metrics_lib.MetricsWriter(workdir, enabled=is_main)
   bar = tqdm(total=total, initial=start_step, desc=os.path.basename(os.path.abspath(workdir)),
              disable=not (is_main and train_cfg.progress_bar), dynamic_ncols=True)
   if is_main:
-    bar.write(f"[train] {source}; {state_lib.param_count(abstract_state.params):,} params; "
-              f"mesh {dict(mesh.shape)}")
+    bar.write(f"[train] {source}; {program.param_count:,} params; mesh {dict(mesh.shape)}")
   compiled: dict[tuple, Any] = {}
   compile_seconds = 0.0
   history: list[dict[str, float]] = []
-  pending: list[tuple[int, dict[str, jax.Array]]] = []
+  pending: list[tuple[int, dict[str, Any]]] = []
   stop = _StopFlag()
   stop.install()
   preempted = False
@@ -154,7 +230,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, loss_fn: step_lib.Los
 
   def flush_metrics():
     for at, values in pending:
-      scalars = {k: float(mesh_lib.host_value(v)) for k, v in values.items()}
+      scalars = {k: float(mesh_lib.host_value(v)) if isinstance(v, jax.Array) else float(v)
+                 for k, v in values.items()}
       history.append({"step": at, **scalars})
       writer.write(at, scalars)
     if pending and is_main:
@@ -164,6 +241,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, loss_fn: step_lib.Los
 
   try:
     while step < total:
+      if hasattr(data_iter, "set_policy"):
+        data_iter.set_policy(state)
       try:
         host_batch = next(data_iter)
       except StopIteration:
@@ -172,16 +251,17 @@ def train(config: ml_collections.ConfigDict, workdir: str, loss_fn: step_lib.Los
       signature = _signature(host_batch)
       lr = step_lib.learning_rate(schedule, step)
       if signature not in compiled:
-        compiled[signature], seconds = step_lib.compile_step(step_fn, state, batch, rng, lr)
+        compiled[signature], seconds = step_lib.compile_step(program.step, state, batch, rng, lr,
+                                                             *program.extra_args)
         compile_seconds += seconds
         writer.write(step, {"compile_seconds": seconds})
         if is_main:
           bar.write(f"[train] compiled the step for batch {[s[1] for s in signature]} "
                     f"in {seconds:.1f}s")
       state, step_metrics = mesh_lib.wait_on_cpu_mesh(
-          compiled[signature](state, batch, rng, lr), mesh)
+          compiled[signature](state, batch, rng, lr, *program.extra_args), mesh)
       step += 1
-      pending.append((step, step_metrics))
+      pending.append((step, {**step_metrics, **_data_hook(data_iter, "metrics", {})}))
       if step % train_cfg.log_every == 0 or step == total:
         flush_metrics()
       bar.update(1)
@@ -190,6 +270,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, loss_fn: step_lib.Los
         images = np.asarray(sample_fn(params, step))
         if is_main:
           metrics_lib.write_grid(os.path.join(workdir, "samples", f"step_{step:08d}.png"), images)
+      if not _data_hook(data_iter, "at_boundary", True):
+        continue
       preempted = stop.any_process()
       if step % train_cfg.checkpoint_every == 0 or step == total or preempted:
         ckpt.save(manager, state, _data_state(data_iter), config)

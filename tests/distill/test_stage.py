@@ -112,8 +112,9 @@ def test_stage_writes_student_and_four_scores(tmp_path, parts):
                        objective.image_guidance_scale)
   np.testing.assert_allclose(pool["ode_target"][:1], np.asarray(again), atol=1e-5)
   assert not np.allclose(pool["ode_target"], pool["ode_noise"])
-  state, start, end, _ = distill_stage.train_student(ctx, pipe, objective, teacher, pool)
-  assert (start, end, int(state.step), int(state.fake.step)) == (2, 3, 3, 3 * 2)
+  result = distill_stage.train_student(ctx, pipe, objective, teacher, pool)
+  state = result.state
+  assert (result.start_step, result.final_step, int(state.step), int(state.fake.step)) == (2, 3, 3, 3 * 2)
 
 
 def test_schedule_must_match_the_deployed_sampler(tmp_path, parts):

@@ -68,18 +68,18 @@ def test_two_step_student_matches_the_mixture(teacher_mlp, eval_set):
   models = distill.DistillModels(predict_fn=toy.mlp_predict, teacher_fn=toy.teacher_predict)
   mesh = mesh_lib.make_mesh(ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1)))
   assert mesh.size == 8
-  tx_student = optax.adam(1.0, b1=0.0, b2=0.99)  # unit rate; the schedules give 1e-3
+  tx_student = optax.adam(1.0, b1=0.0, b2=0.99)  # unit rate; lr gives 1e-3
   tx_fake = optax.adam(1.0, b1=0.0, b2=0.99)
   state, shardings = distill.create_distill_state(toy.init_mlp, teacher_mlp, config, tx_student,
                                                   tx_fake, mesh, seed=0)
   teacher_shardings = jax.tree.map(lambda _: mesh_lib.replicated(mesh), teacher_mlp)
   step = distill.make_distill_step(models, config, tx_student, tx_fake, mesh, shardings,
-                                   teacher_shardings, student_schedule=optax.constant_schedule(1e-3),
-                                   fake_schedule=optax.constant_schedule(1e-3), ema_decay=0.9)
+                                   teacher_shardings, fake_lr_scale=1.0, ema_decay=0.9)
   rng = np.random.default_rng(2)
+  key, lr = jax.device_put(np.asarray(state.rng), mesh_lib.replicated(mesh)), np.float32(1e-3)
   for _ in range(400):
     batch = mesh_lib.shard_batch(toy.make_batch(rng, 256), mesh)
-    state, metrics = mesh_lib.wait_on_cpu_mesh(step(state, teacher_mlp, batch), mesh)
+    state, metrics = mesh_lib.wait_on_cpu_mesh(step(state, batch, key, lr, teacher_mlp), mesh)
   assert int(state.step) == 400 and int(state.fake.step) == 400 * config.fake_updates
   assert int(metrics["skipped"]) == 0
   after = toy.sliced_wasserstein(_sample(toy.mlp_predict, state.student.ema_params, schedule,
