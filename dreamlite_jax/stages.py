@@ -83,7 +83,6 @@ import jax
 import ml_collections
 from etils import epath
 from flax import traverse_util
-from jax.experimental import multihost_utils
 
 from dreamlite_jax import config as config_lib
 from dreamlite_jax import config_schema
@@ -91,6 +90,7 @@ from dreamlite_jax import report
 from dreamlite_jax import shared_models
 from dreamlite_jax.config import ConfigError
 from dreamlite_jax.eval import shapes_stage
+from dreamlite_jax.training import mesh as mesh_lib
 # Re-exported: runners that import them from here keep working.
 from dreamlite_jax.preemption import StagePreempted, raise_if_preempted  # noqa: F401
 from experiments import train_defaults
@@ -228,8 +228,7 @@ def is_job_writer() -> bool:
 
 def sync(tag: str) -> None:
   """Waits until every process of a multi-process job reaches `tag` (no-op on one)."""
-  if jax.process_count() > 1:
-    multihost_utils.sync_global_devices(tag)
+  mesh_lib.barrier(tag)
 
 
 def absolute(path: str) -> str:

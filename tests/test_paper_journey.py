@@ -35,6 +35,7 @@ from rl import clip_fixture
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STAGES = ("pretrain_t2i", "pretrain_edit", "pretrain_joint", "sft", "rl", "distill")
 PRETRAIN = STAGES[:4]
+RL_ITERATIONS, DISTILL_STEPS = 6, 12   # long enough to be stopped mid-run
 SIDES = (64, 128)   # cache sides; pretrain_t2i grows 64 -> 128 at step 2
 TEXT_LENGTH = 128  # the tiny encoder's vision tower needs >= 66 tokens for edits
 
@@ -102,13 +103,13 @@ def overrides(world) -> list[str]:
     out += [f"--config.{stage}.train.sample_every=4",
             f"--config.{stage}.data.resolutions=(({SIDES[0]}, 0),)"]
   out += [f"--config.pretrain_t2i.data.resolutions=(({SIDES[0]}, 0), ({SIDES[1]}, 2))",
-          "--config.rl.iterations=2", "--config.rl.prompts_per_iteration=2",
+          f"--config.rl.iterations={RL_ITERATIONS}", "--config.rl.prompts_per_iteration=2",
           "--config.rl.sample_steps=2", "--config.rl.num_minibatches=1",
           "--config.rl.checkpoint_every=1", "--config.rl.grpo.group_size=2",
           f"--config.rl.data.size={SIDES[0]}", f"--config.rl.reward.path={world['clip']}",
           "--config.rl.eval.count=2", "--config.rl.eval.sampler.steps=2",
           "--config.rl.eval.sampler.batch_size=2",
-          "--config.distill.objective.fake_updates=1",
+          f"--config.distill.train.steps={DISTILL_STEPS}", "--config.distill.objective.fake_updates=1",
           "--config.distill.objective.regression_steps=2",
           "--config.distill.objective.gan_hidden=16",
           f"--config.distill.objective.student_timesteps={student}",
@@ -200,15 +201,20 @@ def test_paper_journey_runs_every_stage_on_eight_devices(journey):
 
 
 def test_paper_journey_two_processes_match_one(journey, world):
-  """Every stage as 2 processes x 4 devices. The U-Net stages and distillation see the
-  same global batches as one process and log the same losses; RL rolls out each
+  """Every stage as 2 processes x 4 devices. The U-Net stages and distillation (from the
+  one-process teacher) see the same global batches as one process and log the same
+  losses; RL rolls out each
   process's prompts with its own SDE noise, so its fixed before-score matches one
   process exactly and its training figures are finite and logged once per iteration."""
   workdir = str(world["root"] / "runs" / "two_processes")
-  for stage in STAGES:
+  for stage in STAGES[:-1]:
     run_stage_two_processes(stage, workdir, world)
-  for stage in (*PRETRAIN, "distill"):
-    one, two = losses(os.path.join(journey, stage)), losses(os.path.join(workdir, stage))
+  # Distillation from the one-process job's teacher (RL's own result differs by its noise).
+  distill_dir = str(world["root"] / "runs" / "two_processes_distill")
+  _copy_parents(journey, distill_dir, "distill")
+  run_stage_two_processes("distill", distill_dir, world)
+  for stage, two_dir in [*((s, workdir) for s in PRETRAIN), ("distill", distill_dir)]:
+    one, two = losses(os.path.join(journey, stage)), losses(os.path.join(two_dir, stage))
     assert sorted(two) == sorted(one), stage
     np.testing.assert_allclose([two[s] for s in sorted(two)], [one[s] for s in sorted(one)],
                                rtol=1e-4, err_msg=stage)
@@ -216,44 +222,71 @@ def test_paper_journey_two_processes_match_one(journey, world):
   np.testing.assert_allclose(rl_two["before"], rl_one["before"], rtol=1e-4)
   assert np.isfinite(rl_two["after"]) and np.isfinite(rl_two["train_reward_last"])
   assert sorted(h["step"] for h in metrics_lib.read_metrics(os.path.join(workdir, "rl"))
-                if "reward" in h) == [1, 2]
-  distill = _done(workdir, "distill")["results"]
+                if "reward" in h) == list(range(1, RL_ITERATIONS + 1))
+  distill = _done(distill_dir, "distill")["results"]
   assert np.isfinite(distill["distill"]["student_vs_teacher_l1"])
-  assert os.path.isdir(os.path.join(workdir, "distill", "student", "checkpoints"))
+  assert os.path.isdir(os.path.join(distill_dir, "distill", "student", "checkpoints"))
 
 
-def test_paper_journey_stage_stopped_mid_run_resumes_to_the_same_losses(journey, world):
-  """SIGTERM (a preemption) mid-stage: the checkpoint is written, the re-run resumes it and
-  logs the same losses as the uninterrupted run."""
-  stage, steps = "pretrain_joint", 40
-  workdir = str(world["root"] / "runs" / "preempted")
-  for parent in ("pretrain_t2i", "pretrain_edit"):
-    shutil.copytree(os.path.join(journey, parent), os.path.join(workdir, parent))
-  longer = [f"--config.{stage}.train.steps={steps}", f"--config.{stage}.train.sample_every=0"]
-  reference = str(world["root"] / "runs" / "uninterrupted")
-  for parent in ("pretrain_t2i", "pretrain_edit"):
-    shutil.copytree(os.path.join(journey, parent), os.path.join(reference, parent))
-  out = subprocess.run(_main_args(stage, reference, world) + longer, cwd=ROOT, env=_env(8),
-                       capture_output=True, text=True, timeout=900)
-  assert out.returncode == 0, out.stderr[-3000:]
-
-  proc = subprocess.Popen(_main_args(stage, workdir, world) + longer, cwd=ROOT, env=_env(8),
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-  stage_dir = os.path.join(workdir, stage)
+def _stop_mid_run(args: list[str], stage_dir: str) -> subprocess.CompletedProcess:
+  """Runs a stage and sends it SIGTERM (a preemption) once its first step is logged."""
+  proc = subprocess.Popen(args, cwd=ROOT, env=_env(8), stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True)
   deadline = time.time() + 600
   while time.time() < deadline and proc.poll() is None:
     if losses(stage_dir) if os.path.exists(os.path.join(stage_dir, "metrics.jsonl")) else {}:
       proc.send_signal(signal.SIGTERM)
       break
     time.sleep(0.2)
-  _, err = proc.communicate(timeout=600)
+  out, err = proc.communicate(timeout=600)
+  return subprocess.CompletedProcess(args, proc.returncode, out, err)
+
+
+def _copy_parents(journey: str, workdir: str, stage: str) -> None:
+  for parent in STAGES[:STAGES.index(stage)]:
+    shutil.copytree(os.path.join(journey, parent), os.path.join(workdir, parent))
+
+
+def _assert_resumes(stage: str, workdir: str, args: list[str], steps: int,
+                    uninterrupted: dict[int, float]) -> None:
+  stage_dir = os.path.join(workdir, stage)
+  stopped = _stop_mid_run(args, stage_dir)
   assert not os.path.exists(os.path.join(stage_dir, "DONE.json")), "the stage was not stopped"
   stopped_at = max(losses(stage_dir))
-  assert 0 < stopped_at < steps, err[-2000:]
-  out = subprocess.run(_main_args(stage, workdir, world) + longer, cwd=ROOT, env=_env(8),
-                       capture_output=True, text=True, timeout=900)
+  assert 0 < stopped_at < steps, stopped.stderr[-2000:]
+  out = subprocess.run(args, cwd=ROOT, env=_env(8), capture_output=True, text=True, timeout=900)
   assert out.returncode == 0, out.stderr[-3000:]
-  resumed, uninterrupted = losses(stage_dir), losses(os.path.join(reference, stage))
+  resumed = losses(stage_dir)
   assert sorted(resumed) == list(range(1, steps + 1))
   np.testing.assert_allclose([resumed[s] for s in range(1, steps + 1)],
-                             [uninterrupted[s] for s in range(1, steps + 1)], rtol=1e-5)
+                             [uninterrupted[s] for s in range(1, steps + 1)], rtol=1e-5,
+                             err_msg=stage)
+
+
+def test_paper_journey_stage_stopped_mid_run_resumes_to_the_same_losses(journey, world):
+  """SIGTERM (a preemption) mid-stage: the checkpoint is written, the re-run resumes it and
+  logs the same losses as the uninterrupted run."""
+  stage, steps = "pretrain_joint", 40
+  longer = [f"--config.{stage}.train.steps={steps}", f"--config.{stage}.train.sample_every=0"]
+  reference = str(world["root"] / "runs" / "uninterrupted")
+  _copy_parents(journey, reference, stage)
+  out = subprocess.run(_main_args(stage, reference, world) + longer, cwd=ROOT, env=_env(8),
+                       capture_output=True, text=True, timeout=900)
+  assert out.returncode == 0, out.stderr[-3000:]
+  workdir = str(world["root"] / "runs" / "preempted")
+  _copy_parents(journey, workdir, stage)
+  _assert_resumes(stage, workdir, _main_args(stage, workdir, world) + longer, steps,
+                  losses(os.path.join(reference, stage)))
+
+
+@pytest.mark.parametrize("stage", ["rl", "distill"])
+def test_paper_journey_rl_and_distill_stopped_mid_run_resume_to_the_same_losses(
+    journey, world, stage):
+  """RL (its rollouts are the trainer's data: a checkpoint waits for the iteration's
+  updates and holds the prompt stream) and distillation resume a SIGTERM exactly: the
+  same losses as the journey's uninterrupted stage."""
+  workdir = str(world["root"] / "runs" / f"preempted_{stage}")
+  _copy_parents(journey, workdir, stage)
+  uninterrupted = losses(os.path.join(journey, stage))
+  _assert_resumes(stage, workdir, _main_args(stage, workdir, world), max(uninterrupted),
+                  uninterrupted)

@@ -40,6 +40,7 @@ from typing import Any, Callable
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import struct
 from jax.sharding import Mesh
@@ -422,7 +423,7 @@ def create_distill_state(init_params: Callable[[jax.Array], Any], teacher_params
     if value.shape != like.shape:
       raise ValueError(f"teacher param of shape {value.shape} does not fit {like.shape}")
     # A fresh buffer per leaf: the step donates the state but never the teacher.
-    return jax.device_put(jnp.array(value, dtype=like.dtype, copy=True), like.sharding)
+    return mesh_lib.put_global(np.asarray(value, dtype=like.dtype), like.sharding)
 
   teacher_copy = lambda like: jax.tree.map(copy_into, teacher_params, like)
   student = state_lib.state_from_params(teacher_copy(s_abstract.params),

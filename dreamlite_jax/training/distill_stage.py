@@ -319,7 +319,7 @@ def distill_program(section: ml_collections.ConfigDict, mesh_config: ml_collecti
       compute_dtype=state_lib.DTYPES[train_cfg.compute_dtype], ema_decay=train_cfg.ema_decay)
   return trainer.Program(
       step=step_fn, abstract_state=_abstract(state), create=lambda: state, start_from=None,
-      mesh=mesh, extra_args=(jax.device_put(teacher, shardings.student.params),),
+      mesh=mesh, extra_args=(jax.tree.map(mesh_lib.put_global, teacher, shardings.student.params),),
       param_count=state_lib.param_count(state.student.params))
 
 

@@ -8,6 +8,8 @@ test models and odd channel counts shard as far as they can instead of failing.
 """
 from __future__ import annotations
 
+import functools
+import itertools
 import math
 from typing import Any, Sequence
 
@@ -15,6 +17,7 @@ import flax.linen as nn
 import jax
 import ml_collections
 import numpy as np
+from jax._src import distributed  # the coordination-service client (no public barrier)
 from jax.experimental import mesh_utils, multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
@@ -166,6 +169,22 @@ def shard_batch(batch: Any, mesh: Mesh) -> Any:
   return jax.tree_util.tree_map_with_path(put, batch)
 
 
+_BARRIERS = itertools.count()
+
+
+def barrier(tag: str, timeout_s: int = 3600) -> None:
+  """Waits until every process reaches this point, through the coordination service.
+
+  A device collective gives its peers 30 s to arrive (gloo on CPU), so processes that
+  compiled or sampled at different speeds (one hit the compilation cache, one did not)
+  meet here first. Every process calls barriers in the same order; ids are numbered.
+  """
+  if jax.process_count() == 1:
+    return
+  distributed.global_state.client.wait_at_barrier(f"{tag}#{next(_BARRIERS)}",
+                                                  timeout_s * 1000)
+
+
 def host_rows(n: int) -> slice:
   """This process's contiguous block of `n` global rows (the loader's split, so a global
   batch is the same whatever the process count)."""
@@ -181,7 +200,15 @@ def gather_rows(x: np.ndarray) -> np.ndarray:
   x = np.asarray(x)
   if jax.process_count() == 1:
     return x
+  barrier("gather_rows")
   return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def put_global(x: Any, sharding: NamedSharding) -> jax.Array:
+  """A host value, the same on every process, as a global array laid out by `sharding`
+  (a fresh buffer; `jax.device_put` takes only shardings of this process's devices)."""
+  x = np.asarray(x)
+  return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
 
 
 def host_value(x: jax.Array) -> np.ndarray:
@@ -189,11 +216,26 @@ def host_value(x: jax.Array) -> np.ndarray:
   return np.asarray(x.addressable_data(0))
 
 
+@functools.lru_cache(maxsize=None)
+def _replicate_on(mesh: Mesh):
+  return jax.jit(lambda leaves: leaves, out_shardings=NamedSharding(mesh, P()))
+
+
 def to_host(tree: Any) -> Any:
-  """Arrays (sharded over any number of processes) -> full numpy copies on every process."""
-  if jax.process_count() == 1:
-    return jax.tree.map(np.asarray, jax.device_get(tree))
-  return jax.tree.map(np.asarray, multihost_utils.process_allgather(tree, tiled=True))
+  """Arrays (sharded over any number of processes) -> full numpy copies on every process.
+
+  Leaves spread over other processes are replicated in one collective program (every
+  process must call this with the same tree); the rest are copied as they are.
+  """
+  leaves, treedef = jax.tree.flatten(tree)
+  remote = [i for i, x in enumerate(leaves)
+            if isinstance(x, jax.Array) and not x.is_fully_addressable]
+  if remote:
+    barrier("to_host")
+    gathered = _replicate_on(leaves[remote[0]].sharding.mesh)([leaves[i] for i in remote])
+    for i, x in zip(remote, gathered):
+      leaves[i] = x.addressable_data(0)
+  return treedef.unflatten([np.asarray(jax.device_get(x)) for x in leaves])
 
 
 def wait_on_cpu_mesh(tree: Any, mesh: Mesh) -> Any:

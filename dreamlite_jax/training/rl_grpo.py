@@ -27,7 +27,6 @@ import numpy as np
 
 from dreamlite_jax.diffusion import flow
 from dreamlite_jax.diffusion import sampling
-from dreamlite_jax.training import mesh as mesh_lib
 
 # predict_fn(params, canvas [B, H, 2W, C], timestep [B], cond) -> [B, H, 2W, C]
 PredictFn = Callable[[Any, jax.Array, jax.Array, dict], jax.Array]
@@ -209,27 +208,20 @@ def flatten_rollout(out: dict, condition: np.ndarray, sigmas: np.ndarray, cond: 
   return rows
 
 
-def update(step_fn: Callable, state: Any, rows: dict, num_minibatches: int, mesh: Any,
-           rng: jax.Array, seed: int, block: int = 1) -> tuple[Any, list[dict]]:
-  """Shuffles the rows (leading axis N, one `sigma` [N] each) in blocks of `block`
-  consecutive rows and takes one shared-train-step update per minibatch
-  (DiffusionNFT's rows go through it too, a prompt's group as one block).
+def minibatches(rows: dict, num_minibatches: int, seed: int, block: int = 1) -> list[dict]:
+  """The rows (leading axis N) shuffled in blocks of `block`
+  consecutive rows and split into `num_minibatches` update batches (DiffusionNFT's rows
+  come through here too, a prompt's group as one block).
 
-  The first minibatch is exactly on-policy (ratio 1); later ones see the
-  params already moved, which is where the ratio clip acts.
-  Returns (state, per-minibatch metrics as floats).
+  The first update is exactly on-policy (ratio 1); later ones see the params already
+  moved, which is where the ratio clip acts.
   """
-  n = len(rows["sigma"])
+  n = len(jax.tree.leaves(rows)[0])
   if n % num_minibatches or (n // num_minibatches) % block:
     raise ValueError(f"{n} rows do not split into {num_minibatches} minibatches of whole "
                      f"blocks of {block}")
   order = (np.random.default_rng(seed).permutation(n // block)[:, None] * block
            + np.arange(block)).reshape(-1)
   size = n // num_minibatches
-  history = []
-  for i in range(num_minibatches):
-    idx = order[i * size:(i + 1) * size]
-    batch = jax.tree.map(lambda a: a[idx], rows)
-    state, metrics = step_fn(state, mesh_lib.shard_batch(batch, mesh), rng)
-    history.append({k: float(np.asarray(v.addressable_data(0))) for k, v in metrics.items()})
-  return state, history
+  return [jax.tree.map(lambda a: a[order[i * size:(i + 1) * size]], rows)
+          for i in range(num_minibatches)]

@@ -24,7 +24,6 @@ import logging
 import os
 import signal
 import threading
-import time
 from typing import Any, Callable, Iterator
 
 import jax
@@ -253,6 +252,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, program: Program,
       if signature not in compiled:
         compiled[signature], seconds = step_lib.compile_step(program.step, state, batch, rng, lr,
                                                              *program.extra_args)
+        mesh_lib.barrier("step compiled")
         compile_seconds += seconds
         writer.write(step, {"compile_seconds": seconds})
         if is_main:

@@ -71,15 +71,12 @@ def test_a_groups_rows_share_noise_and_stay_in_one_minibatch():
     assert sigma[2 * g] == sigma[2 * g + 1]
     np.testing.assert_allclose(eps[2 * g], eps[2 * g + 1], atol=1e-4)
   assert len(set(sigma.tolist())) == 8
-  seen = []
-  step = lambda state, batch, rng: (state, seen.append(np.asarray(batch["sigma"])) or {})
-  mesh = mesh_lib.make_mesh(train_defaults.mesh_config())
-  rl_grpo.update(step, None, rows, 2, mesh, None, seed=3, block=2)
+  seen = [np.asarray(batch["sigma"]) for batch in rl_grpo.minibatches(rows, 2, seed=3, block=2)]
   assert sorted(np.concatenate(seen).tolist()) == sorted(sigma.tolist())
   for batch in seen:
     np.testing.assert_array_equal(batch[0::2], batch[1::2])
   with pytest.raises(ValueError, match="blocks of 2"):
-    rl_grpo.update(step, None, rows, 16, mesh, None, seed=3, block=2)
+    rl_grpo.minibatches(rows, 16, seed=3, block=2)
 
 
 _RED, _BLUE = np.array(shapes.COLORS["red"], np.float32), np.array(shapes.COLORS["blue"], np.float32)
@@ -131,8 +128,8 @@ def test_nft_run_raises_the_programmatic_shapes_reward_of_the_ode_sampler():
     r = rl_nft.optimality(rl_grpo.group_advantages(rewards, config.group_size), config.adv_clip)
     rows = rl_nft.training_rows(velocity, params, ref, latents, np.zeros_like(latents), cond, r,
                                 config.noise_draws, config.group_size, np.random.default_rng(it))
-    state, history = rl_grpo.update(step_fn, state, rows, 2, mesh, key, it,
-                                    block=config.group_size)
-    assert all(h["finite"] == 1 for h in history)
+    for batch in rl_grpo.minibatches(rows, 2, it, block=config.group_size):
+      state, metrics = step_fn(state, mesh_lib.shard_batch(batch, mesh), key)
+      assert int(metrics["finite"]) == 1
   assert np.mean(means[-3:]) > np.mean(means[:3]) + 0.25, means
   assert float(np.asarray(jax.device_get(state.params)["m"])[0]) > 0.0
