@@ -23,7 +23,7 @@ import os
 import sys
 import time
 
-from dreamlite_jax import stages
+from dreamlite_jax.job import stages
 
 CONFIG = os.path.join(os.path.dirname(__file__), "..", "experiments", "shapes_tiny.py")
 PRETRAIN = ("pretrain_t2i", "pretrain_edit", "pretrain_joint")

@@ -12,7 +12,6 @@ import dataclasses
 import hashlib
 import inspect
 import json
-import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path

@@ -11,7 +11,7 @@ Several processes (one per host of a pod; the workdir shared by all, e.g. `gs://
   python -m dreamlite_jax.main --coordinator HOST:PORT --num-processes N --process-id I \
       --config ... --workdir DIR
 
-Only parses flags and starts JAX; the work is `dreamlite_jax.stages.run_job`, after
+Only parses flags and starts JAX; the work is `dreamlite_jax.job.stages.run_job`, after
 `stages.load_job_config` has validated the whole job (a config or workdir mistake
 exits with one `error: ...` line, no traceback).
 """
@@ -24,7 +24,7 @@ from typing import Sequence
 
 import jax
 
-from dreamlite_jax import stages
+from dreamlite_jax.job import stages
 from dreamlite_jax import xla_cpu_flags
 from dreamlite_jax.config import ConfigError
 

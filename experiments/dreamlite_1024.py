@@ -30,6 +30,8 @@ import dataclasses
 
 import ml_collections
 
+from dreamlite_jax.models.unet import UNetConfig
+from dreamlite_jax.models.vae import VAEConfig
 from experiments import train_defaults
 
 STAGES = "pretrain_t2i,pretrain_edit,pretrain_joint,sft,rl,distill"
@@ -144,9 +146,6 @@ def distill_section() -> ml_collections.ConfigDict:
 
 
 def get_config() -> ml_collections.ConfigDict:
-  from dreamlite_jax.models.unet import UNetConfig  # the model's own frozen dataclasses
-  from dreamlite_jax.models.vae import VAEConfig
-
   config = ml_collections.ConfigDict()
   config.stages = STAGES
   config.seed = 0

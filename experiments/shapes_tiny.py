@@ -24,6 +24,9 @@ import dataclasses
 
 import ml_collections
 
+from dreamlite_jax.diffusion import flow
+from dreamlite_jax.models.unet import UNetConfig
+from dreamlite_jax.models.vae import VAEConfig
 from experiments import train_defaults
 
 STAGES = "vae,pretrain_t2i,pretrain_edit,pretrain_joint,sft,rl,distill,eval,convert"
@@ -94,15 +97,11 @@ def _unet_stage(parent: str, steps: int, lr: float, edit_weight: float, *,
 
 
 def _student_timesteps(size: int, vae_scale: int) -> tuple[float, ...]:
-  from dreamlite_jax.diffusion import flow
   sigmas = flow.schedule_for_size(4, size, size, vae_scale=vae_scale)
   return tuple(round(float(t), 2) for t in flow.timesteps_from_sigmas(sigmas))
 
 
 def get_config() -> ml_collections.ConfigDict:
-  from dreamlite_jax.models.unet import UNetConfig
-  from dreamlite_jax.models.vae import VAEConfig
-
   config = ml_collections.ConfigDict()
   config.preset = "default"
   config.presets = ml_collections.ConfigDict(dict(smoke=SMOKE))
@@ -189,7 +188,7 @@ def get_config() -> ml_collections.ConfigDict:
       enabled=True, per_category=4, per_type=2,
       sampler=_sampler(steps=20, guidance=3.5, image_guidance=1.0, batch_size=48)))
 
-  # RL after SFT (dreamlite_jax/training/rl_stage.py): DiffusionNFT with the exact shapes
+  # RL after SFT (dreamlite_jax/job/rl_stage.py): DiffusionNFT with the exact shapes
   # reward. Per iteration 16 prompts x 4 samples of a 10-step ODE sampler with CFG, each
   # noised twice (one noise per prompt's group) = 128 flow-matching rows in 4 updates.
   # The teacher sampler's T2I score rises with the iteration count (docs/results.md); the

@@ -6,8 +6,6 @@ import pytest
 
 from dreamlite_jax import config as config_lib
 from dreamlite_jax import config_schema
-from dreamlite_jax import preemption
-from dreamlite_jax import stages
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 
@@ -78,11 +76,7 @@ def _imports(module: str) -> set[str]:
   return names
 
 
-def test_config_and_preemption_import_nothing_that_imports_them():
-  """The schema imports `config`, never the reverse; `preemption` (which stage runners
-  and the job runner share) imports no project module."""
+def test_config_imports_nothing_that_imports_it():
+  """The schema imports `config`, never the reverse."""
   assert "dreamlite_jax.config" in _imports("config_schema")
   assert not [n for n in _imports("config") if n.startswith("dreamlite_jax")]
-  assert not [n for n in _imports("preemption") if n.startswith("dreamlite_jax")]
-  assert stages.StagePreempted is preemption.StagePreempted
-  assert stages.raise_if_preempted is preemption.raise_if_preempted

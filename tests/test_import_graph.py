@@ -10,15 +10,13 @@ package's `__init__` is an edge only when the package itself is imported.
 
 Rules:
 - no circle among module-level imports;
-- a library module imports neither the job layer (`JOB_LAYER`, every
-  `dreamlite_jax/training/*_stage.py`, the `dreamlite_jax.job` package) nor `experiments`,
-  at module or function level (`KNOWN_BACK_ARROWS` excepted);
+- a library module imports neither the job layer (the `dreamlite_jax.job` package and
+  `JOB_LAYER`, the command line) nor `experiments`,
+  at module or function level;
 - no function-level import of a project module outside `LAZY_IMPORTS` (each with its one-line
-  reason: a module that pulls TensorFlow or torch, the job runner's lazy stage registry, or
-  "being rewritten" for files other work is changing now).
+  reason: a module that pulls TensorFlow or torch, or the job runner's lazy stage registry).
   Third-party imports (tensorflow, torch, transformers, diffusers, ...) are out of scope;
-- every allow-list entry still matches an import ("being rewritten" entries excepted), so
-  the lists only shrink.
+- every allow-list entry still matches an import, so the lists only shrink.
 """
 from __future__ import annotations
 
@@ -33,50 +31,28 @@ CHECKED_PACKAGES = ("dreamlite_jax", "data_pipelines", "converters")
 IMPORTER_PACKAGES = ("benchmarks", "experiments")
 
 # The job layer: the runner, its stage context and records, the stage runners.
-JOB_LAYER = frozenset({
-    "dreamlite_jax.stages",
-    "dreamlite_jax.shared_models",
-    "dreamlite_jax.stage_data",
-    "dreamlite_jax.report",
-    "dreamlite_jax.main",
-    "dreamlite_jax.convert_stage",
-    "dreamlite_jax.eval.shapes_stage",
-})
+JOB_LAYER = frozenset({"dreamlite_jax.main"})
 JOB_PACKAGE = "dreamlite_jax.job"
 
 # Function-level imports of project modules that stay lazy: (importer, imported) -> reason.
 LAZY_IMPORTS = {
-    ("dreamlite_jax.convert_stage", "converters.export"):
+    ("dreamlite_jax.job.convert_stage", "converters.export"):
         "converters.export pulls TensorFlow (jax2tf, TFLiteConverter)",
-    ("dreamlite_jax.stages", "dreamlite_jax.training.vae_stage"):
+    ("dreamlite_jax.job.stages", "dreamlite_jax.job.vae_stage"):
         "lazy stage-runner registry: a job imports only the runners of the kinds it runs",
-    ("dreamlite_jax.stages", "dreamlite_jax.training.pretrain_stage"):
+    ("dreamlite_jax.job.stages", "dreamlite_jax.job.pretrain_stage"):
         "lazy stage-runner registry: a job imports only the runners of the kinds it runs",
-    ("dreamlite_jax.stages", "dreamlite_jax.training.rl_stage"):
+    ("dreamlite_jax.job.stages", "dreamlite_jax.job.rl_stage"):
         "lazy stage-runner registry: a job imports only the runners of the kinds it runs",
-    ("dreamlite_jax.stages", "dreamlite_jax.training.distill_stage"):
+    ("dreamlite_jax.job.stages", "dreamlite_jax.job.distill_stage"):
         "lazy stage-runner registry: a job imports only the runners of the kinds it runs",
-    ("dreamlite_jax.stages", "dreamlite_jax.convert_stage"):
+    ("dreamlite_jax.job.stages", "dreamlite_jax.job.eval_stage"):
+        "lazy stage-runner registry: a job imports only the runners of the kinds it runs",
+    ("dreamlite_jax.job.stages", "dreamlite_jax.job.convert_stage"):
         "lazy stage-runner registry; convert_stage's export pulls TensorFlow",
-    ("dreamlite_jax.rewards", "dreamlite_jax.rewards.shapes_programmatic"): "being rewritten",
-    ("dreamlite_jax.rewards", "dreamlite_jax.rewards.learned_shapes"): "being rewritten",
-    ("dreamlite_jax.rewards", "dreamlite_jax.rewards.clip_reward"): "being rewritten",
-    ("experiments.shapes_tiny", "dreamlite_jax.diffusion.flow"): "being rewritten",
-    ("experiments.shapes_tiny", "dreamlite_jax.models.unet"): "being rewritten",
-    ("experiments.shapes_tiny", "dreamlite_jax.models.vae"): "being rewritten",
-    ("experiments.dreamlite_1024", "dreamlite_jax.models.unet"): "being rewritten",
-    ("experiments.dreamlite_1024", "dreamlite_jax.models.vae"): "being rewritten",
 }
 
-# Library -> job-layer imports that are known and scheduled to go: (importer, imported) -> reason.
-KNOWN_BACK_ARROWS = {
-    ("dreamlite_jax.eval.__main__", "dreamlite_jax.eval.shapes_stage"):
-        "shapes_stage is both the shapes scorer (`evaluate`, used here) and the eval stage "
-        "runner (`run_stage`); the runner moves to the job layer",
-}
 
-# Entries of files other work is rewriting: not reported as stale when their import goes.
-_VOLATILE = "being rewritten"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -153,9 +129,7 @@ EDGES = _edges()
 
 
 def is_job_layer(module: str) -> bool:
-  if module in JOB_LAYER or module == JOB_PACKAGE or module.startswith(JOB_PACKAGE + "."):
-    return True
-  return module.startswith("dreamlite_jax.training.") and module.endswith("_stage")
+  return module in JOB_LAYER or module == JOB_PACKAGE or module.startswith(JOB_PACKAGE + ".")
 
 
 def is_library(module: str) -> bool:
@@ -212,7 +186,7 @@ def test_graph_is_read():
   # Guards the rules below against passing on an empty or mis-resolved graph.
   assert len(MODULES) > 80
   edges = {(e.importer, e.imported) for e in EDGES}
-  assert ("dreamlite_jax.main", "dreamlite_jax.stages") in edges
+  assert ("dreamlite_jax.main", "dreamlite_jax.job.stages") in edges
   assert ("dreamlite_jax.models.unet", "dreamlite_jax.models.layers") in edges
 
 
@@ -231,8 +205,7 @@ def test_no_import_cycles():
 def test_library_does_not_import_job_layer_or_experiments():
   bad = [e for e in EDGES
          if is_library(e.importer)
-         and (is_job_layer(e.imported) or e.imported.split(".")[0] == "experiments")
-         and (e.importer, e.imported) not in KNOWN_BACK_ARROWS]
+         and (is_job_layer(e.imported) or e.imported.split(".")[0] == "experiments")]
   if bad:
     pytest.fail("library modules importing the job layer or experiments/ (move the shared "
                 "code into the library):\n" + "\n".join("  " + e.where() for e in bad))
@@ -248,10 +221,8 @@ def test_project_imports_are_at_module_level():
 
 def test_allow_lists_name_existing_imports():
   function_level = {(e.importer, e.imported) for e in EDGES if e.function_level}
-  back_arrows = {(e.importer, e.imported) for e in EDGES}
   stale = [f"LAZY_IMPORTS {k}" for k, reason in LAZY_IMPORTS.items()
-           if k not in function_level and reason != _VOLATILE]
-  stale += [f"KNOWN_BACK_ARROWS {k}" for k in KNOWN_BACK_ARROWS if k not in back_arrows]
+           if k not in function_level]
   if stale:
     pytest.fail("allow-list entries that match no import (delete them):\n"
                 + "\n".join("  " + s for s in stale))

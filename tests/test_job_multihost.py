@@ -12,7 +12,7 @@ import jax
 import pytest
 
 from dreamlite_jax import main as main_lib
-from dreamlite_jax import stages
+from dreamlite_jax.job import stages
 
 from test_job_validation import job_config, make_cache
 

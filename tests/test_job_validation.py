@@ -17,7 +17,8 @@ import pytest
 
 from dreamlite_jax import config_schema
 from dreamlite_jax import main as main_lib
-from dreamlite_jax import stages
+from dreamlite_jax.job import preemption
+from dreamlite_jax.job import stages
 from dreamlite_jax.config import ConfigError
 from dreamlite_jax.models.unet import UNetConfig
 from dreamlite_jax.models.vae import VAEConfig
@@ -294,7 +295,7 @@ def test_a_rerun_resumes_an_interrupted_stage_only_where_it_left_work(caches, ra
 
   def interrupted(ctx):
     ran.append(ctx.name)
-    raise stages.StagePreempted("stopped")
+    raise preemption.StagePreempted("stopped")
 
   monkeypatch.setitem(stages.STAGE_RUNNERS, "pretrain", interrupted)
   stages.run_job(config, workdir, log=lambda m: None)

@@ -9,7 +9,8 @@ import shutil
 import pytest
 
 from dreamlite_jax import main as main_lib
-from dreamlite_jax import stages
+from dreamlite_jax.job import preemption
+from dreamlite_jax.job import stages
 from dreamlite_jax.config import ConfigError
 
 CONFIG = os.path.join(os.path.dirname(__file__), "..", "experiments", "shapes_tiny.py")
@@ -186,7 +187,7 @@ def test_an_interrupted_stage_resumes_only_with_the_config_and_parents_it_starte
     ran.append(ctx.name)
     with open(os.path.join(ctx.workdir, "rl_progress.json"), "w") as f:
       f.write("{}")  # what a real stage resumes from
-    raise stages.StagePreempted("rl: preempted")
+    raise preemption.StagePreempted("rl: preempted")
 
   monkeypatch.setitem(stages.STAGE_RUNNERS, "rl", preempted_rl)
   changed = stages.load_job_config(CONFIG, ["--config.preset=smoke", "--config.rl.iterations=2"])

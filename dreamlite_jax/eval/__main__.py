@@ -5,7 +5,7 @@ directory (`runs/demo/distill/student`: the job's VAE, text encoder and image si
 from its records), or a diffusers DreamLite folder (evaluated at its own image size).
 
 Suites:
-  shapes   exact scores on the synthetic shapes world (`shapes_stage.evaluate`),
+  shapes   exact scores on the synthetic shapes world (`shapes_scoring.evaluate`),
            with per-category sample grids.
   geneval  N samples per prompt of `--metadata` in GenEval's layout (score them
            with GenEval's own detector); scores.json holds export counts.
@@ -25,7 +25,7 @@ from data_pipelines import shapes
 from dreamlite_jax import model_ref
 from dreamlite_jax import pipeline as pipeline_lib
 from dreamlite_jax.eval import geneval_export, imgedit_export, report
-from dreamlite_jax.eval import shapes_stage
+from dreamlite_jax.eval import shapes_scoring
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -80,7 +80,7 @@ def run_shapes(pipe, args: argparse.Namespace, size: int) -> tuple[dict, list[st
   sampler = ml_collections.ConfigDict({
       "batch_size": args.batch_size, "seed": args.seed, "steps": args.steps,
       "guidance": args.guidance, "image_guidance": args.image_guidance})
-  scores = shapes_stage.evaluate(pipe, sets, sampler, grid_dir=args.out)
+  scores = shapes_scoring.evaluate(pipe, sets, sampler, grid_dir=args.out)
   return scores, [os.path.join(args.out, "t2i.png"), os.path.join(args.out, "edit.png")]
 
 

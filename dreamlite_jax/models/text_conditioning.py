@@ -14,7 +14,6 @@ from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from dreamlite_jax.models import prompts
 from dreamlite_jax.models.qwen3_vl import Qwen3VLConfig, Qwen3VLEncoder, mrope_position_ids

@@ -11,7 +11,6 @@ with `.` list indices written `_i`, so `models/weights.py` maps names 1:1.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
 
 import flax.linen as nn
 import jax.numpy as jnp

@@ -22,7 +22,7 @@ Batch: the pretraining batch (`pretrain_loss` docstring) plus `reward_ids`
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from typing import Callable
 
 import jax
 import jax.numpy as jnp

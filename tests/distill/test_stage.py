@@ -15,14 +15,14 @@ import pytest
 
 from data_pipelines import latent_batches
 from dreamlite_jax import pipeline as pipeline_lib
-from dreamlite_jax import stages
+from dreamlite_jax.job import stages
 from dreamlite_jax.config import ConfigError
 from dreamlite_jax.diffusion import flow
 from dreamlite_jax.models.qwen3_vl import Qwen3VLConfig
 from dreamlite_jax.models.text_conditioning import TextEncoder
 from dreamlite_jax.training import checkpoints as ckpt
 from dreamlite_jax.training import distill
-from dreamlite_jax.training import distill_stage
+from dreamlite_jax.job import distill_stage
 from dreamlite_jax.training import state as state_lib
 from experiments import dreamlite_1024_distill
 from experiments import train_defaults

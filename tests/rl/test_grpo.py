@@ -1,7 +1,6 @@
 """Flow-GRPO: SDE log-probs, group advantages, the clipped loss, and a run that learns."""
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 from scipy import stats

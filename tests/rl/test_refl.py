@@ -65,8 +65,9 @@ def test_pretraining_regulariser_is_mixed_in():
 
 def test_refl_with_the_learned_shapes_reward_raises_it():
   """ReFL's reward gradient, through the shipped learned reward, moves x0 towards the caption."""
-  from dreamlite_jax.rewards import make_reward
-  from dreamlite_jax.training import rl_shapes, rl_stage
+  from dreamlite_jax.rewards.registry import make_reward
+  from dreamlite_jax.job import rl_stage
+  from dreamlite_jax.training import rl_shapes
   reward = make_reward("learned_shapes")
   items = rl_shapes.draw_prompts(0, 2, 0.5, 64, rl_stage.PROMPT_SEED)
   ids, mask = reward.tokenize([it["reward_text"] for it in items])

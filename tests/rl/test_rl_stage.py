@@ -19,11 +19,11 @@ import optax
 import pytest
 
 from dreamlite_jax import pipeline as pipeline_lib
-from dreamlite_jax import stages
+from dreamlite_jax.job import stages
 from dreamlite_jax.config import ConfigError
-from dreamlite_jax.rewards import make_reward
+from dreamlite_jax.rewards.registry import make_reward
 from dreamlite_jax.training import checkpoints as ckpt
-from dreamlite_jax.training import rl_stage
+from dreamlite_jax.job import rl_stage
 from dreamlite_jax.training import state as state_lib
 from experiments import dreamlite_1024
 from experiments import train_defaults

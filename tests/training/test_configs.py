@@ -7,7 +7,7 @@ import os
 import pytest
 
 from dreamlite_jax import config_schema
-from dreamlite_jax import stages
+from dreamlite_jax.job import stages
 from dreamlite_jax.config import ConfigError
 from dreamlite_jax.models.unet import UNetConfig
 from dreamlite_jax.models.vae import VAEConfig

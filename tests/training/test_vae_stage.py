@@ -3,7 +3,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dreamlite_jax.training import vae_stage
+from dreamlite_jax.job import vae_stage
 
 
 class _ConstantVAE:

@@ -1,6 +1,6 @@
 """The `distill` stage of a job: the RL/SFT teacher -> a 4-step CFG-free student.
 
-`run_stage(ctx)` (the `dreamlite_jax.stages` contract) loads the parent stage's
+`run_stage(ctx)` (the `dreamlite_jax.job.stages` contract) loads the parent stage's
 U-Net as the frozen teacher, builds a fixed pool of shapes-world conditions
 (T2I captions and edit triplets encoded once with the job's text encoder and
 VAE; with the regression on, each row also gets the teacher's guided ODE
@@ -43,12 +43,12 @@ import ml_collections
 import numpy as np
 
 from data_pipelines import shapes
-from dreamlite_jax import stage_data
+from dreamlite_jax.job import stage_data
 from dreamlite_jax.config import ConfigError
 from dreamlite_jax.diffusion import flow
-from dreamlite_jax.preemption import raise_if_preempted
+from dreamlite_jax.job.preemption import raise_if_preempted
 from dreamlite_jax.eval import shapes_eval
-from dreamlite_jax.eval import shapes_stage
+from dreamlite_jax.eval import shapes_scoring
 from dreamlite_jax.training import checkpoints as ckpt
 from dreamlite_jax.training import distill
 from dreamlite_jax.training import mesh as mesh_lib
@@ -265,13 +265,13 @@ def shapes_score(pipe: Any, eval_cfg: ml_collections.ConfigDict, steps: int,
       steps=steps, guidance=guidance or 0.0, image_guidance=image_guidance or 0.0,
       batch_size=eval_cfg.batch_size, seed=eval_cfg.seed))
   prompts = shapes.t2i_eval_prompts("train", eval_cfg.per_category, size)
-  images = shapes_stage.sample_t2i(pipe, prompts, sampler)
+  images = shapes_scoring.sample_t2i(pipe, prompts, sampler)
   out: dict[str, Any] = {"t2i": shapes_eval.score_t2i(images, [p["metadata"] for p in prompts])}
   overall = [out["t2i"]["overall"]]
   if with_edit:
     edits = shapes.edit_eval_set("train", eval_cfg.per_type, size)
     out["edit"] = shapes_eval.score_edit([e["source"] for e in edits],
-                                         shapes_stage.sample_edit(pipe, edits, sampler),
+                                         shapes_scoring.sample_edit(pipe, edits, sampler),
                                          [e["metadata"] for e in edits])
     overall.append(out["edit"]["overall"])
   out["overall"] = float(np.mean(overall))

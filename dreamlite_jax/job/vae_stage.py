@@ -26,7 +26,7 @@ import numpy as np
 
 from data_pipelines import shapes
 from dreamlite_jax.eval import shapes_eval
-from dreamlite_jax.preemption import raise_if_preempted
+from dreamlite_jax.job.preemption import raise_if_preempted
 from dreamlite_jax.training import checkpoints
 from dreamlite_jax.training import metrics as metrics_lib
 from dreamlite_jax.training import trainer

@@ -1,4 +1,4 @@
-"""Shapes-world scores of a U-Net: the job's `eval` stage and every stage's end-of-stage check.
+"""Shapes-world scores of a U-Net: what the job's `eval` stage and every stage's check run.
 
 `evaluate(pipe, sets, sampler)` samples the fixed evaluation sets (T2I prompts
 per GenEval-style category, edit triplets per ImgEdit-style type, held-in and
@@ -19,9 +19,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from data_pipelines import shapes
-from dreamlite_jax.config import ConfigError
 from dreamlite_jax.eval import shapes_eval
-from dreamlite_jax.training import checkpoints
 
 _SETS: dict[tuple, dict] = {}
 
@@ -191,16 +189,3 @@ def edit_grid(path: str, items: list[dict], results: np.ndarray, n: int = 14,
         src, _label(items[i]["instruction"], width, side), res, tgt)], axis=1))
   Image.fromarray(np.concatenate(rows)).save(path)
   return path
-
-
-def run_stage(ctx) -> dict:
-  """The job's `eval` stage: full evaluation of the parent's U-Net (its EMA params)."""
-  if not ctx.parent_workdir:
-    raise ConfigError(f"config.{ctx.name}.parent must name the stage whose U-Net is evaluated")
-  section = ctx.section
-  params = checkpoints.load_params(ctx.parent_workdir, ema=bool(section.use_ema))
-  pipe = ctx.models.pipeline(params)
-  sets = eval_sets(ctx.config)
-  scores = evaluate(pipe, sets, section.sampler, grid_dir=ctx.workdir)
-  return {"scores": scores, "evaluated": ctx.parent_workdir,
-          "sampler": section.sampler.to_dict(), "sample_grids": ["t2i.png", "edit.png"]}

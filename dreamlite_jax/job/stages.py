@@ -49,7 +49,7 @@ job's files go through `etils.epath`.
     `.vae` (TinyAutoencoder module), `.vae_params` (from the `vae` stage),
     `.text_encoder` (frozen TextEncoder: tiny Qwen3, fixed seed, real tokenizer),
     `.pipeline(unet_params)` -> `dreamlite_jax.pipeline.Pipeline`.
-* `ctx.eval_sets()`   the fixed shapes evaluation sets (`dreamlite_jax.eval.shapes_stage`):
+* `ctx.eval_sets()`   the fixed shapes evaluation sets (`dreamlite_jax.eval.shapes_scoring`):
                       T2I prompts and edit triplets, held-in and held-out.
 * `ctx.stage_config(section)` a trainer-ready ConfigDict: `seed`, `mesh`, `model`
                       and the section's `train`/`loss`/`data`, with
@@ -58,13 +58,13 @@ job's files go through `etils.epath`.
 The runner returns a JSON-able dict that becomes `DONE.json["results"]`. Keys the
 report reads when present: `steps` (int), `final_loss` (float), `checkpoint`
 (a workdir whose checkpoints hold the stage's U-Net; default `ctx.workdir`),
-`scores` (a `shapes_stage.evaluate` dict: `{"t2i": {...}, "edit": {...}}`),
+`scores` (a `shapes_scoring.evaluate` dict: `{"t2i": {...}, "edit": {...}}`),
 `rl` (`{"before": float, "after": float, ...}`), `distill` (`{"teacher",
 "teacher_naive_4step", "teacher_naive_4step_cfg", "student_4step"}`), `convert`
 (`{"gpu_check_findings", "max_abs_err_fp32", "files": [...]}`), `sample_grids` (PNG
 paths relative to the stage dir). The runner writes only under `ctx.workdir` and must resume when
 re-run after an interruption (the shared trainer does this); when the trainer
-returns `preempted=True` the runner calls `dreamlite_jax.preemption.raise_if_preempted(
+returns `preempted=True` the runner calls `dreamlite_jax.job.preemption.raise_if_preempted(
 result, ctx.name)` so the stage is not marked finished. Runners write files that
 every process computes (metrics, sample grids) from process 0 only, as the trainer does.
 
@@ -86,13 +86,12 @@ from flax import traverse_util
 
 from dreamlite_jax import config as config_lib
 from dreamlite_jax import config_schema
-from dreamlite_jax import report
-from dreamlite_jax import shared_models
+from dreamlite_jax.job import report
+from dreamlite_jax.job import shared_models
 from dreamlite_jax.config import ConfigError
-from dreamlite_jax.eval import shapes_stage
+from dreamlite_jax.eval import shapes_scoring
 from dreamlite_jax.training import mesh as mesh_lib
-# Re-exported: runners that import them from here keep working.
-from dreamlite_jax.preemption import StagePreempted, raise_if_preempted  # noqa: F401
+from dreamlite_jax.job.preemption import StagePreempted
 from experiments import train_defaults
 
 DONE_FILE = "DONE.json"
@@ -108,14 +107,14 @@ class StageContext:
   job_workdir: str
   parent_workdir: str | None
   parent_results: dict
-  models: "Any"  # dreamlite_jax.shared_models.SharedModels
+  models: "Any"  # dreamlite_jax.job.shared_models.SharedModels
 
   @property
   def section(self) -> ml_collections.ConfigDict:
     return self.config[self.name]
 
   def eval_sets(self) -> dict:
-    return shapes_stage.eval_sets(self.config)
+    return shapes_scoring.eval_sets(self.config)
 
   def stage_config(self, section: ml_collections.ConfigDict | None = None
                    ) -> ml_collections.ConfigDict:
@@ -138,31 +137,32 @@ Runner = Callable[[StageContext], dict]
 
 
 def _vae(ctx):
-  from dreamlite_jax.training import vae_stage
+  from dreamlite_jax.job import vae_stage
   return vae_stage.run_stage(ctx)
 
 
 def _pretrain(ctx):
-  from dreamlite_jax.training import pretrain_stage
+  from dreamlite_jax.job import pretrain_stage
   return pretrain_stage.run_stage(ctx)
 
 
 def _rl(ctx):
-  from dreamlite_jax.training import rl_stage
+  from dreamlite_jax.job import rl_stage
   return rl_stage.run_stage(ctx)
 
 
 def _distill(ctx):
-  from dreamlite_jax.training import distill_stage
+  from dreamlite_jax.job import distill_stage
   return distill_stage.run_stage(ctx)
 
 
 def _eval(ctx):
-  return shapes_stage.run_stage(ctx)
+  from dreamlite_jax.job import eval_stage
+  return eval_stage.run_stage(ctx)
 
 
 def _convert(ctx):
-  from dreamlite_jax import convert_stage
+  from dreamlite_jax.job import convert_stage
   return convert_stage.run_stage(ctx)
 
 

@@ -50,18 +50,18 @@ import os
 import jax
 import ml_collections
 
-from dreamlite_jax import stage_data
+from dreamlite_jax.job import stage_data
 from dreamlite_jax.config import ConfigError
 from dreamlite_jax.diffusion import flow
-from dreamlite_jax.eval import shapes_stage
-from dreamlite_jax.preemption import raise_if_preempted
-from dreamlite_jax.rewards import make_reward
+from dreamlite_jax.eval import shapes_scoring
+from dreamlite_jax.job.preemption import raise_if_preempted
+from dreamlite_jax.rewards.registry import make_reward
 from dreamlite_jax.rewards.shapes_programmatic import ShapesReward
 from dreamlite_jax.training import checkpoints as ckpt
 from dreamlite_jax.training import mesh as mesh_lib
 from dreamlite_jax.training import metrics as metrics_lib
 from dreamlite_jax.training import pretrain_loss
-from dreamlite_jax.training import pretrain_stage
+from dreamlite_jax.job import pretrain_stage
 from dreamlite_jax.training import rl_cached
 from dreamlite_jax.training import rl_grpo
 from dreamlite_jax.training import rl_nft
@@ -209,10 +209,10 @@ def run_stage(ctx) -> dict:
   else:
     stream = None
     conditioner = rl_shapes.Conditioner(models, size)
-    sets = shapes_stage.eval_sets(ctx.config, section.eval.per_category, section.eval.per_type)
+    sets = shapes_scoring.eval_sets(ctx.config, section.eval.per_category, section.eval.per_type)
     next_items = lambda it: rl_shapes.draw_prompts(it, prompts, float(section.edit_fraction),
                                                    size, PROMPT_SEED + ctx.config.seed)
-    evaluate = lambda params, grid: shapes_stage.evaluate(
+    evaluate = lambda params, grid: shapes_scoring.evaluate(
         models.pipeline(params), sets, section.eval.sampler,
         grid_dir=ctx.workdir if grid == "samples.png" and is_main else None, prefix="samples_")
 

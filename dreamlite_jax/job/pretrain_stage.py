@@ -1,7 +1,7 @@
 """The pretrain-kind stages of a job (pretrain_t2i, pretrain_edit, pretrain_joint, sft).
 
 All four are the same code: the flow-matching loss (`pretrain_loss`) on the
-job's data source (`dreamlite_jax.stage_data`: the shapes world or embedding
+job's data source (`dreamlite_jax.job.stage_data`: the shapes world or embedding
 caches of real data), trained with the shared trainer from the parent stage's
 checkpoint; they differ only in their config section (the T2I : edit mix,
 resolutions, steps, learning rate, dropout). On the shapes world the stage's EMA
@@ -14,13 +14,12 @@ Section fields: kind, parent, init_from_ema, train (trainer fields), loss
 """
 from __future__ import annotations
 
-import os
 
 import jax.numpy as jnp
 
-from dreamlite_jax import stage_data
-from dreamlite_jax.eval import shapes_stage
-from dreamlite_jax.preemption import raise_if_preempted
+from dreamlite_jax.job import stage_data
+from dreamlite_jax.eval import shapes_scoring
+from dreamlite_jax.job.preemption import raise_if_preempted
 from dreamlite_jax.training import checkpoints
 from dreamlite_jax.training import metrics as metrics_lib
 from dreamlite_jax.training import pretrain_loss
@@ -82,8 +81,8 @@ def _stage_salt(name: str) -> int:
 def stage_check(ctx, params) -> dict:
   """The small end-of-stage shapes evaluation (None-free nested scores), with grids."""
   check = ctx.config.eval.stage_check
-  sets = shapes_stage.eval_sets(ctx.config, check.per_category, check.per_type)
-  return shapes_stage.evaluate(ctx.models.pipeline(params), sets, check.sampler,
+  sets = shapes_scoring.eval_sets(ctx.config, check.per_category, check.per_type)
+  return shapes_scoring.evaluate(ctx.models.pipeline(params), sets, check.sampler,
                                grid_dir=ctx.workdir, prefix="samples_")
 
 
