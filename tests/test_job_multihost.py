@@ -69,7 +69,7 @@ def two_processes(monkeypatch):
 
   monkeypatch.setattr(jax, "process_index", lambda: state["index"])
   monkeypatch.setattr(jax, "process_count", lambda: 2)
-  monkeypatch.setattr(stages.multihost_utils, "sync_global_devices", sync)
+  monkeypatch.setattr(stages.mesh_lib, "barrier", sync)
   return state
 
 
@@ -116,18 +116,24 @@ def test_only_process_0_writes_the_job_files_and_every_process_waits_for_it(
 
 
 def test_one_process_never_syncs(stub_runners, tmp_path, monkeypatch):
-  synced = []
-  monkeypatch.setattr(stages.multihost_utils, "sync_global_devices", synced.append)
+  """A one-process job never asks the coordination service (there is none) to wait."""
+  class NoService:
+    @property
+    def client(self):
+      raise AssertionError("a one-process job used the coordination service")
+
+  monkeypatch.setattr(stages.mesh_lib.distributed, "global_state", NoService())
   config = job_config(make_cache(tmp_path / "t2i"), make_cache(tmp_path / "edit"))
   stages.run_job(config, str(tmp_path / "job"), log=lambda m: None)
-  assert synced == [] and os.path.exists(stages.done_path(str(tmp_path / "job"), "pretrain_b"))
+  assert os.path.exists(stages.done_path(str(tmp_path / "job"), "pretrain_b"))
 
 
 _CHILD = textwrap.dedent("""
     import json, os, sys
     import jax, numpy as np
     from jax.experimental import multihost_utils
-    from dreamlite_jax import main, stages
+    from dreamlite_jax import main
+    from dreamlite_jax.job import stages
 
     def stub(ctx):
       # A collective over both processes, then a file in the stage directory that

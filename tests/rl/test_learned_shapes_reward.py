@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from data_pipelines import shapes
-from dreamlite_jax.rewards import learned_shapes, make_reward, shapes_text
+from dreamlite_jax.rewards import learned_shapes, shapes_text
+from dreamlite_jax.rewards.registry import make_reward
 from dreamlite_jax.rewards import train_shapes_reward as trainer
 
 
