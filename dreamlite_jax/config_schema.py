@@ -253,9 +253,20 @@ def _validate_pretrain_section(config: ml_collections.ConfigDict, name: str) -> 
                  f"{prefix}.data.resolutions")
 
 
+def _validate_trained_section(config: ml_collections.ConfigDict, name: str) -> None:
+  """A vae- or distill-kind section: complete trainer fields, warm-up within the run."""
+  section, prefix = config[name], f"config.{name}"
+  for field in TRAIN_FIELDS:
+    if not _has(section, field):
+      raise ConfigError(f"{prefix}.{field} is missing (a {section.kind!r}-kind stage needs it)")
+  _check_warmup(section, prefix)
+
+
 # kind -> section checks beyond `validate(section)`; kinds not listed get those only.
 _KIND_CHECKS: dict[str, Callable[[ml_collections.ConfigDict, str], None]] = {
     "pretrain": _validate_pretrain_section,
+    "vae": _validate_trained_section,
+    "distill": _validate_trained_section,
 }
 
 

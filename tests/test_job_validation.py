@@ -256,6 +256,15 @@ def test_load_job_config_validates_the_selected_stages(caches, tmp_path):
     sys.path.remove(os.path.dirname(__file__))
 
 
+@pytest.mark.parametrize("stage", ["vae", "distill"])
+def test_every_trained_stage_warms_up_within_its_steps_checked_before_any_stage(stage):
+  with pytest.raises(ConfigError, match=rf"config\.{stage}\.train\.warmup_steps = 10: must be "
+                                        rf"<= config\.{stage}\.train\.steps = 2"):
+    stages.load_job_config(os.path.join(ROOT, "experiments", "shapes_tiny.py"),
+                           [f"--config.{stage}.train.steps=2",
+                            f"--config.{stage}.train.warmup_steps=10"])
+
+
 def test_the_command_line_names_a_missing_cache_in_one_line(tmp_path):
   path = _config_file(tmp_path)
   env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.path.dirname(__file__)]),
