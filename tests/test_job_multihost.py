@@ -98,7 +98,7 @@ def test_only_process_0_writes_the_job_files_and_every_process_waits_for_it(
       if tag.endswith(":done"):
         stage = tag.split(":")[1]
         os.makedirs(os.path.join(workdir, stage), exist_ok=True)
-        stages._write_json(stages.done_path(workdir, stage), {"results": {"steps": 1}})
+        stages.write_json(stages.done_path(workdir, stage), {"results": {"steps": 1}})
     two_processes["at_sync"] = process_0
   records = stages.run_job(config, workdir, log=lambda m: None)
   assert stub_runners == ["pretrain_a", "pretrain_b"] and list(records) == stub_runners

@@ -207,7 +207,7 @@ def test_an_interrupted_stage_resumes_only_with_the_config_and_parents_it_starte
     stages.run_job(changed, copy, stages="sft,rl", log=lambda m: None)
   # Nor is a parent that was re-run after the interruption.
   sft = stages.read_done(copy, "sft")
-  stages._write_json(stages.done_path(copy, "sft"), {**sft, "run_id": "a-later-run"})
+  stages.write_json(stages.done_path(copy, "sft"), {**sft, "run_id": "a-later-run"})
   with pytest.raises(ConfigError, match="rl: interrupted run .* built on an earlier run of 'sft'"):
     stages.run_job(config, copy, stages="sft,rl", log=lambda m: None)
   assert ran == ["rl"] * 4

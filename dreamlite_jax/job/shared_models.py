@@ -11,16 +11,15 @@ means none: stages that train on embedding caches read precomputed features.
 from __future__ import annotations
 
 import functools
-import json
 import os
 from typing import Any
 
 import jax
 import ml_collections
 import numpy as np
-from etils import epath
 
 from dreamlite_jax.config import ConfigError
+from dreamlite_jax.job import records
 from dreamlite_jax.models import channel_concat
 from dreamlite_jax.models import weights
 from dreamlite_jax.models.unet import DreamLiteUNet, UNetConfig
@@ -115,7 +114,7 @@ class SharedModels:
     DONE record's id), or an external checkpoint directory, its steps and the
     modification time of the latest."""
     if not self.config.model.vae_checkpoint:
-      record = _read_json(os.path.join(self.workdir, "vae", "DONE.json"))
+      record = records.read_done(self.workdir, "vae") or {}
       return {"vae_stage_run": record.get("run_id", record.get("finished_at"))}
     if _is_diffusers_vae(self.vae_workdir):
       path = os.path.join(os.path.abspath(self.vae_workdir), "diffusion_pytorch_model.safetensors")
@@ -164,9 +163,3 @@ def _load_diffusers_vae(directory: str, expected: VAEConfig) -> Any:
     raise ConfigError(f"config.model.vae_checkpoint = {directory!r} holds a VAE with {found}, "
                       f"but config.model.vae is {expected}")
   return checkpoints.as_numpy(params)
-
-
-def _read_json(path: str) -> dict:
-  """A job record (the stage's DONE.json), or {} when the stage has not finished."""
-  path = epath.Path(path)
-  return json.loads(path.read_text()) if path.exists() else {}

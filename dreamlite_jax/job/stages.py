@@ -92,10 +92,9 @@ from dreamlite_jax.config import ConfigError
 from dreamlite_jax.eval import shapes_scoring
 from dreamlite_jax.training import mesh as mesh_lib
 from dreamlite_jax.job.preemption import StagePreempted
+from dreamlite_jax.job.records import STARTED_FILE, done_path, read_done, read_started, write_json
 from experiments import train_defaults
 
-DONE_FILE = "DONE.json"
-STARTED_FILE = "STARTED.json"
 
 
 @dataclasses.dataclass
@@ -234,34 +233,6 @@ def sync(tag: str) -> None:
 def absolute(path: str) -> str:
   """A local path made absolute; a URL (`gs://bucket/run`) as given."""
   return path if "://" in path else os.path.abspath(path)
-
-
-def done_path(workdir: str, stage: str) -> str:
-  return os.path.join(workdir, stage, DONE_FILE)
-
-
-def _read_json(path: str) -> dict | None:
-  path = epath.Path(path)
-  if not path.exists():
-    return None
-  return json.loads(path.read_text())
-
-
-def _write_json(path: str, record: dict) -> None:
-  path = epath.Path(path)
-  tmp = path.with_name(path.name + ".tmp")
-  tmp.write_text(json.dumps(record, indent=2, sort_keys=True))
-  tmp.replace(path)  # atomic on a file system: the file appears complete or not at all
-
-
-def read_done(workdir: str, stage: str) -> dict | None:
-  """The stage's DONE.json record ({"stage", "results", "wall_time_s", ...}) or None."""
-  return _read_json(done_path(workdir, stage))
-
-
-def read_started(workdir: str, stage: str) -> dict | None:
-  """The STARTED.json of a stage's latest run ({"config", "upstream_run_ids"}) or None."""
-  return _read_json(os.path.join(workdir, stage, STARTED_FILE))
 
 
 def finished_records(config: ml_collections.ConfigDict, workdir: str) -> dict[str, dict]:
@@ -423,7 +394,7 @@ def run_job(config: ml_collections.ConfigDict, workdir: str, stages: str | None 
     inputs = _run_inputs(config, workdir, name)
     if writer:
       epath.Path(stage_dir).mkdir(parents=True, exist_ok=True)
-      _write_json(os.path.join(stage_dir, STARTED_FILE), inputs)
+      write_json(os.path.join(stage_dir, STARTED_FILE), inputs)
     sync(f"dreamlite_job:{name}:started")
     ctx = StageContext(config=config, name=name, workdir=stage_dir, job_workdir=workdir,
                        parent_workdir=parent_workdir, parent_results=parent_results,
@@ -439,7 +410,7 @@ def run_job(config: ml_collections.ConfigDict, workdir: str, stages: str | None 
               "finished_at": time.strftime("%Y-%m-%d %H:%M:%S"), "run_id": uuid.uuid4().hex,
               **inputs}
     if writer:
-      _write_json(done_path(workdir, name), record)
+      write_json(done_path(workdir, name), record)
     sync(f"dreamlite_job:{name}:done")  # the next stage reads this record as its parent
     log(f"[job] {name}: done in {record['wall_time_s']:.0f}s")
     records[name] = record
