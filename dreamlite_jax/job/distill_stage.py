@@ -26,7 +26,8 @@ absolute pixel difference (`student_vs_teacher_l1`, 0-255 scale).
 
 Config section `config.distill` (see `experiments/dreamlite_1024.py`):
   kind, parent, teacher_ema, objective (DistillConfig fields, timesteps x 1000),
-  fake_lr, train (trainer fields), data (size, pool_size, edit_fraction, seed),
+  fake_lr (the fake score's rate at the student's peak; it follows train's schedule),
+  train (trainer fields), data (size, pool_size, edit_fraction, seed),
   eval (size, per_category, per_type, teacher_steps, guidance, image_guidance,
   use_ema, seed, batch_size).
 """
