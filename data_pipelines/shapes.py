@@ -45,10 +45,21 @@ MOVE_DIRECTIONS = ("left", "right", "up", "down")
 T2I_BACKGROUND = "black"
 EVAL_SEED = 1_000_003  # fixed evaluation sets; training sources default to seed 0
 SIZE_RANGE = (0.25, 0.35)  # object bbox side as a fraction of the image's short side
+COUNT_SIZE_RANGE = (0.22, 0.28)  # the same, for counting scenes of 3 or more objects
+MAX_EDIT_OBJECTS = 3  # objects in an edit source
 RESIZE_FACTOR = 1.5
+RESIZE_RANGE = (0.2, 0.42)  # a resized object's side stays within this fraction
 _ATTEMPTS = 200
 
 Scene = dict[str, Any]
+
+
+def world() -> dict[str, Any]:
+  """The layout constants every rendered example depends on (for cache keys and records)."""
+  return {"size_range": list(SIZE_RANGE), "count_size_range": list(COUNT_SIZE_RANGE),
+          "max_edit_objects": MAX_EDIT_OBJECTS, "resize_factor": RESIZE_FACTOR,
+          "resize_range": list(RESIZE_RANGE),
+          "backgrounds": {k: list(v) for k, v in BACKGROUNDS.items()}}
 
 
 def pairs_for(split: str) -> list[tuple[str, str]]:
@@ -138,7 +149,8 @@ def _place(rng, sizes: Sequence[float], h: int, w: int,
   return centers
 
 
-def _sizes(rng, n: int, m: int, lo: float = SIZE_RANGE[0], hi: float = SIZE_RANGE[1]):
+def _sizes(rng, n: int, m: int, size_range: Sequence[float] | None = None):
+  lo, hi = size_range or SIZE_RANGE
   return [round(float(s), 2) for s in rng.uniform(lo, hi, n) * m]
 
 
@@ -162,7 +174,7 @@ def _t2i_layout(rng, split: str, category: str, h: int, w: int):
   elif category == "counting":
     n, shape = int(rng.integers(1, 5)), _pick(rng, SHAPES)
     ids = [(color_of(shape), shape)] * n
-    sizes = _sizes(rng, n, m, 0.22, 0.28) if n >= 3 else _sizes(rng, n, m)
+    sizes = _sizes(rng, n, m, COUNT_SIZE_RANGE if n >= 3 else None)
   elif category == "color_attr":
     for _ in range(_ATTEMPTS):
       a, b = _pick(rng, pairs_for(split)), _pick(rng, train)
@@ -291,8 +303,8 @@ def _apply_edit(rng, split: str, edit_type: str, source: Scene):
     params["direction"] = direction
     return target, background, params
   if edit_type == "resize":
-    options = (["bigger"] if obj["size"] <= 0.28 * m else []) + (
-        ["smaller"] if obj["size"] >= 0.3 * m else [])
+    options = (["bigger"] if obj["size"] * RESIZE_FACTOR <= RESIZE_RANGE[1] * m else []) + (
+        ["smaller"] if obj["size"] / RESIZE_FACTOR >= RESIZE_RANGE[0] * m else [])
     if not options:
       return None
     direction = _pick(rng, options)
@@ -323,7 +335,7 @@ def make_edit_example(split: str, edit_type: str, seed: int, index: int,
   train = pairs_for("train")
   rng = np.random.default_rng([seed, index, 1])
   for _ in range(_ATTEMPTS):
-    n = int(rng.integers(1, 4))
+    n = int(rng.integers(1, MAX_EDIT_OBJECTS + 1))
     ids = [train[i] for i in rng.permutation(len(train))[:n]]
     sizes = _sizes(rng, n, min(h, w))
     centers = _place(rng, sizes, h, w)
