@@ -8,9 +8,10 @@ matching's N(0, 1) noise is on the latents' scale (no scaling factor needed).
 
 The stage's results carry the ceilings (`ceilings`): the shapes evaluator's scores
 of VAE round-trips of ground truth, which bound what any U-Net decoded by this VAE
-can score. Two things make it learn in CPU minutes:
+can score. Two knobs of its data and loss:
 - random square crops (`data.crop_size`): the autoencoder is convolutional, so
-  16x16 crops of 32x32 images train the same weights at a quarter of the cost;
+  16x16 crops of 32x32 images train the same weights at a quarter of the cost, but
+  they cut objects as large as the shapes world's (the default trains on whole images);
 - `loss.foreground_weight`: shapes images are mostly plain background, which
   an unweighted loss learns first and the objects' colours last; pixels that
   differ from the image's corner (background) colour weigh `1 + w` instead of 1.

@@ -18,7 +18,7 @@ def test_parse_reads_every_caption_form():
   assert p["objects"] == [(shapes_text.ANY_COLOR, 1, 3)] and p["total"] == 3
   p = shapes_text.parse("a photo of a circle below a square")
   assert p["relation"] == 1 + shapes.RELATIONS.index("below") and p["pair"] == (0, 1)
-  assert shapes_text.parse("a photo of nothing on white background")["total"] == 0
+  assert shapes_text.parse("a photo of nothing on gray background")["total"] == 0
   with pytest.raises(ValueError, match="purple"):
     shapes_text.parse("a photo of a purple circle")
 
