@@ -63,5 +63,5 @@ def test_script_retrains_the_encoder_with_a_short_budget(tmp_path):
   _, _, saved = learned_shapes.load_weights(out)
   assert saved["steps"] == 40
   # Learning happens within a few seconds of CPU; the shipped weights are this script's
-  # 600-step run (AUC >= 0.95 held-in and held-out, asserted above).
+  # 1,200-step run (AUC >= 0.95 held-in and held-out, asserted above).
   assert metrics["final_loss"] < 0.7 * metrics["initial_loss"], metrics
