@@ -1,9 +1,10 @@
 """Synthetic "shapes world": coloured shapes on a plain background, exact ground truth.
 
 The embedded default trains every stage on a laptop CPU, so it needs data that a tiny
-diffusion model (64x64 pixels -> 8x8x4 latents) can learn and that a program can score
-exactly. Shapes are big, crisp (no anti-aliasing) and drawn from a palette of colours far
-apart in RGB, so colour segmentation recovers them. Captions mirror GenEval's categories
+diffusion model (32x32 pixels -> 8x8x4 latents) can learn and that a program can score
+exactly. Shapes are big (a third of the image or more), crisp (no anti-aliasing), on a
+dark background and drawn from a palette of colours far apart in RGB, so colour
+segmentation recovers them, from the renders and from the tiny VAE's round-trips alike. Captions mirror GenEval's categories
 and edit triplets mirror ImgEdit's edit types; every example carries its full scene.
 
 A fixed set of (colour, shape) pairs, `HELDOUT_PAIRS`, never appears in a 'train' image,
@@ -26,8 +27,10 @@ from data_pipelines import shapes_captions
 COLORS: dict[str, tuple[int, int, int]] = {
     "red": (230, 40, 40), "green": (40, 200, 60), "blue": (40, 70, 230),
     "yellow": (240, 220, 40), "magenta": (210, 50, 220), "cyan": (40, 210, 220)}
-BACKGROUNDS: dict[str, tuple[int, int, int]] = {
-    "black": (0, 0, 0), "gray": (128, 128, 128), "white": (255, 255, 255)}
+# Dark backgrounds only: the tiny VAE's round-trips of shapes on white or lighter grays come
+# back with colours bled into the background (blue on white reads as blue + cyan) and
+# diamonds as circles (docs/results.md, "The VAE and the edit ceiling").
+BACKGROUNDS: dict[str, tuple[int, int, int]] = {"black": (0, 0, 0), "gray": (56, 56, 56)}
 SHAPES = ("circle", "square", "triangle", "diamond")
 # One held-out colour per shape, each colour at most once: every colour and every shape
 # is still seen in training, only these combinations are not.
@@ -44,11 +47,25 @@ RELATIONS = ("left of", "right of", "above", "below")
 MOVE_DIRECTIONS = ("left", "right", "up", "down")
 T2I_BACKGROUND = "black"
 EVAL_SEED = 1_000_003  # fixed evaluation sets; training sources default to seed 0
-SIZE_RANGE = (0.25, 0.35)  # object bbox side as a fraction of the image's short side
+# Object bbox side as a fraction of the image's short side: at least 11.5 px at the job's
+# 32x32, the smallest a 4x VAE round-trip keeps the shape of (docs/results.md); two
+# objects of the largest size still fit side by side.
+SIZE_RANGE = (0.36, 0.44)
+COUNT_SIZE_RANGE = (0.36, 0.4)  # the same, for counting scenes of 3 or more objects
+MAX_EDIT_OBJECTS = 2  # objects in an edit source
 RESIZE_FACTOR = 1.5
+RESIZE_RANGE = (0.27, 0.66)  # a resized object's side stays within this fraction
 _ATTEMPTS = 200
 
 Scene = dict[str, Any]
+
+
+def world() -> dict[str, Any]:
+  """The layout constants every rendered example depends on (for cache keys and records)."""
+  return {"size_range": list(SIZE_RANGE), "count_size_range": list(COUNT_SIZE_RANGE),
+          "max_edit_objects": MAX_EDIT_OBJECTS, "resize_factor": RESIZE_FACTOR,
+          "resize_range": list(RESIZE_RANGE),
+          "backgrounds": {k: list(v) for k, v in BACKGROUNDS.items()}}
 
 
 def pairs_for(split: str) -> list[tuple[str, str]]:
@@ -91,8 +108,8 @@ def render(scene: Scene) -> np.ndarray:
 
 def _image_hw(size: int | Sequence[int]) -> tuple[int, int]:
   h, w = (size, size) if isinstance(size, (int, np.integer)) else tuple(size)
-  if h < 16 or w < 16:
-    raise ValueError(f"shapes image size must be at least 16x16, got {h}x{w}")
+  if h < 20 or w < 20:  # two objects of a third of the side each, a gap and margins
+    raise ValueError(f"shapes image size must be at least 20x20, got {h}x{w}")
   return int(h), int(w)
 
 
@@ -138,7 +155,8 @@ def _place(rng, sizes: Sequence[float], h: int, w: int,
   return centers
 
 
-def _sizes(rng, n: int, m: int, lo: float = SIZE_RANGE[0], hi: float = SIZE_RANGE[1]):
+def _sizes(rng, n: int, m: int, size_range: Sequence[float] | None = None):
+  lo, hi = size_range or SIZE_RANGE
   return [round(float(s), 2) for s in rng.uniform(lo, hi, n) * m]
 
 
@@ -162,7 +180,7 @@ def _t2i_layout(rng, split: str, category: str, h: int, w: int):
   elif category == "counting":
     n, shape = int(rng.integers(1, 5)), _pick(rng, SHAPES)
     ids = [(color_of(shape), shape)] * n
-    sizes = _sizes(rng, n, m, 0.22, 0.28) if n >= 3 else _sizes(rng, n, m)
+    sizes = _sizes(rng, n, m, COUNT_SIZE_RANGE if n >= 3 else None)
   elif category == "color_attr":
     for _ in range(_ATTEMPTS):
       a, b = _pick(rng, pairs_for(split)), _pick(rng, train)
@@ -291,8 +309,8 @@ def _apply_edit(rng, split: str, edit_type: str, source: Scene):
     params["direction"] = direction
     return target, background, params
   if edit_type == "resize":
-    options = (["bigger"] if obj["size"] <= 0.28 * m else []) + (
-        ["smaller"] if obj["size"] >= 0.3 * m else [])
+    options = (["bigger"] if obj["size"] * RESIZE_FACTOR <= RESIZE_RANGE[1] * m else []) + (
+        ["smaller"] if obj["size"] / RESIZE_FACTOR >= RESIZE_RANGE[0] * m else [])
     if not options:
       return None
     direction = _pick(rng, options)
@@ -323,7 +341,7 @@ def make_edit_example(split: str, edit_type: str, seed: int, index: int,
   train = pairs_for("train")
   rng = np.random.default_rng([seed, index, 1])
   for _ in range(_ATTEMPTS):
-    n = int(rng.integers(1, 4))
+    n = int(rng.integers(1, MAX_EDIT_OBJECTS + 1))
     ids = [train[i] for i in rng.permutation(len(train))[:n]]
     sizes = _sizes(rng, n, min(h, w))
     centers = _place(rng, sizes, h, w)

@@ -48,6 +48,8 @@ def test_smoke_job_writes_report_and_finite_scores(smoke_job):
   for key in ("accuracy", "heldout_accuracy", "recolor", "move", "heldout_add"):
     assert 0.0 <= scores["edit"][key] <= 1.0, key
   assert set(scores["rl"]) == {"before", "after"}
+  for key in ("ceiling_t2i", "ceiling_t2i_heldout", "ceiling_edit", "ceiling_edit_heldout"):
+    assert 0.0 <= scores["vae"][key] <= 1.0, key
   assert set(scores["distill"]) == {"teacher", "teacher_naive_4step", "teacher_naive_4step_cfg",
                                      "student_4step"}
   assert scores["convert"]["gpu_check_findings"] == 0

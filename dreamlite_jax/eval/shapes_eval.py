@@ -28,8 +28,8 @@ _BG_NAMES = tuple(shapes.BACKGROUNDS)
 # Object colours first, then backgrounds: a pixel nearest to a background is not object.
 _PALETTE = np.array([shapes.COLORS[c] for c in _COLOR_NAMES] +
                     [shapes.BACKGROUNDS[b] for b in _BG_NAMES], np.float32)
-COLOR_TOLERANCE = 100.0  # RGB distance; palette entries are >= 130 apart
-MIN_AREA_FRACTION = 0.008  # of the image; smallest generated object is ~1.6%
+COLOR_TOLERANCE = 100.0  # RGB distance; colours are >= 140 apart and >= 145 from a background
+MIN_AREA_FRACTION = 0.008  # of the image; smallest generated object is ~3.6%
 POSITION_MARGIN = 0.1  # relation offsets must exceed this fraction of the short side
 CENTER_TOLERANCE = 0.1  # "still in place", as a fraction of the short side
 PSNR_THRESHOLD = 20.0  # dB, outside the edited region

@@ -8,6 +8,8 @@ a URL (files are written through `etils.epath`).
 `scores.json` (floats in [0, 1] unless noted; null where the stage did not run):
   t2i.{overall, heldout_overall, <category>..., heldout_<category>...}
   edit.{accuracy, heldout_accuracy, <type>..., heldout_<type>...}
+  vae.{ceiling_t2i, ceiling_t2i_heldout, ceiling_edit, ceiling_edit_heldout}: the scores
+    of VAE round-trips of ground truth, a bound on the t2i/edit numbers
   rl.{before, after}   distill.{teacher, teacher_naive_4step, teacher_naive_4step_cfg, student_4step}
   convert.{gpu_check_findings (int), max_abs_err_fp32}   wall_time_s (seconds)
   stages.<stage>.{steps, wall_time_s, final_loss}
@@ -28,6 +30,8 @@ from data_pipelines import shapes
 from dreamlite_jax.training import metrics as metrics_lib
 
 LOSS_PNG = "loss_curves.png"
+# The `vae` stage's results that bound every later score (`vae_stage.ceilings`).
+CEILINGS = ("ceiling_t2i", "ceiling_t2i_heldout", "ceiling_edit", "ceiling_edit_heldout")
 
 
 def _final_scores(records: dict[str, dict]) -> dict | None:
@@ -46,15 +50,17 @@ def build_scores(records: dict[str, dict]) -> dict[str, Any]:
   distill = {"teacher": None, "teacher_naive_4step": None, "teacher_naive_4step_cfg": None,
              "student_4step": None}
   convert = {"gpu_check_findings": None, "max_abs_err_fp32": None}
+  vae = {k: None for k in CEILINGS}
   for record in records.values():
     results = record["results"]
+    vae.update({k: results[k] for k in CEILINGS if k in results})
     for key, target in (("rl", rl), ("distill", distill), ("convert", convert)):
       if isinstance(results.get(key), dict):
         target.update({k: v for k, v in results[key].items() if k in target or key == "rl"})
   stage_rows = {name: {"steps": r["results"].get("steps"), "wall_time_s": r["wall_time_s"],
                        "final_loss": r["results"].get("final_loss")}
                 for name, r in records.items()}
-  return {"t2i": t2i, "edit": edit, "rl": {k: rl[k] for k in ("before", "after")},
+  return {"t2i": t2i, "edit": edit, "vae": vae, "rl": {k: rl[k] for k in ("before", "after")},
           "distill": distill, "convert": convert,
           "wall_time_s": float(sum(r["wall_time_s"] for r in records.values())),
           "stages": stage_rows}
@@ -139,6 +145,11 @@ def render_markdown(config: ml_collections.ConfigDict, workdir: str, records: di
             f"{_fmt(scores['t2i']['heldout_overall'])}",
             f"- Edit accuracy {_fmt(scores['edit']['accuracy'])}, held-out "
             f"{_fmt(scores['edit']['heldout_accuracy'])}",
+            f"- Ceilings (the scores of VAE round-trips of ground truth): T2I "
+            f"{_fmt(scores['vae']['ceiling_t2i'])} (held-out "
+            f"{_fmt(scores['vae']['ceiling_t2i_heldout'])}), edit "
+            f"{_fmt(scores['vae']['ceiling_edit'])} (held-out "
+            f"{_fmt(scores['vae']['ceiling_edit_heldout'])})",
             f"- RL reward before {_fmt(scores['rl']['before'])} -> after {_fmt(scores['rl']['after'])}",
             f"- Distillation: teacher {_fmt(scores['distill']['teacher'])}, teacher at 4 steps "
             f"without CFG {_fmt(scores['distill']['teacher_naive_4step'])} (with CFG "

@@ -18,6 +18,7 @@ import jax
 import ml_collections
 import numpy as np
 
+from data_pipelines import shapes
 from dreamlite_jax.config import ConfigError
 from dreamlite_jax.job import records
 from dreamlite_jax.models import channel_concat
@@ -107,7 +108,8 @@ class SharedModels:
   def _raw_inputs(self) -> dict:
     d = self.config.data
     return {"renderer": "shapes_data.build_raw", "num_t2i": int(d.num_t2i),
-            "num_edit": int(d.num_edit), "image_size": int(d.image_size), "seed": int(d.seed)}
+            "num_edit": int(d.num_edit), "image_size": int(d.image_size), "seed": int(d.seed),
+            "world": shapes.world()}
 
   def _vae_identity(self) -> dict:
     """Which trained VAE the cached latents come from: the `vae` stage's run (its

@@ -6,10 +6,12 @@ L1 + MSE reconstruction in [-1, 1], plus a moment regulariser that keeps each
 latent channel near zero mean and unit variance over the batch, so flow
 matching's N(0, 1) noise is on the latents' scale (no scaling factor needed).
 
-Two things make it learn in CPU minutes (measured by the shapes evaluator on
-reconstructions, see `recon_scores` in the stage results):
+The stage's results carry the ceilings (`ceilings`): the shapes evaluator's scores
+of VAE round-trips of ground truth, which bound what any U-Net decoded by this VAE
+can score. Two knobs of its data and loss:
 - random square crops (`data.crop_size`): the autoencoder is convolutional, so
-  16x16 crops of 32x32 images train the same weights at a quarter of the cost;
+  16x16 crops of 32x32 images train the same weights at a quarter of the cost, but
+  they cut objects as large as the shapes world's (the default trains on whole images);
 - `loss.foreground_weight`: shapes images are mostly plain background, which
   an unweighted loss learns first and the objects' colours last; pixels that
   differ from the image's corner (background) colour weigh `1 + w` instead of 1.
@@ -18,7 +20,7 @@ reconstructions, see `recon_scores` in the stage results):
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -30,6 +32,11 @@ from dreamlite_jax.job.preemption import raise_if_preempted
 from dreamlite_jax.training import checkpoints
 from dreamlite_jax.training import metrics as metrics_lib
 from dreamlite_jax.training import trainer
+
+# Evaluation examples per T2I category / edit type behind the ceilings: 32 keeps one
+# example's weight in a category at 0.03.
+CEILING_PER_CATEGORY = 32
+CEILING_PER_TYPE = 32
 
 
 def vae_loss(vae, params: Any, batch: dict, l1_weight: float, mse_weight: float,
@@ -90,7 +97,7 @@ class ImageBatches:
 
 
 def run_stage(ctx) -> dict:
-  """Trains the VAE in `ctx.workdir`; returns steps, final loss, reconstruction PSNR."""
+  """Trains the VAE in `ctx.workdir`; returns steps, final loss and the ceilings."""
   config = ctx.stage_config()
   models = ctx.models
   raw = models.raw_data()
@@ -105,24 +112,53 @@ def run_stage(ctx) -> dict:
   result = trainer.train(config, ctx.workdir, loss_fn, data, init)
   raise_if_preempted(result, ctx.name)
   params = checkpoints.as_numpy(result.state.ema_params)
-  examples = _eval_images(size)
-  x = np.stack([e["image"] for e in examples]).astype(np.float32) / 127.5 - 1.0
-  recon = np.asarray(jax.jit(lambda p, x: vae.apply({"params": p}, x))(params, x))
-  mse = float(np.mean((recon - x) ** 2))
-  # What the evaluator makes of reconstructions bounds what any generator decoded by
-  # this VAE can score.
-  recon_uint8 = np.round((np.clip(recon, -1, 1) + 1) * 127.5).astype(np.uint8)
-  recon_scores = shapes_eval.score_t2i(list(recon_uint8), [e["metadata"] for e in examples])
-  grid = np.concatenate([x[:8], np.clip(recon[:8], -1, 1)])
+  apply = jax.jit(lambda p, x: vae.apply({"params": p}, x))
+  reconstruct = lambda images: to_uint8(apply(params, images.astype(np.float32) / 127.5 - 1.0))
+  ceiling = ceilings(reconstruct, size)
+  x = np.stack([shapes.render(e["metadata"]["scene"])
+                for e in shapes.t2i_eval_prompts("train", 2, size)[:8]])
+  grid = np.concatenate([x, reconstruct(x)]).astype(np.float32) / 127.5 - 1.0
   metrics_lib.write_grid(os.path.join(ctx.workdir, "reconstructions.png"), grid)
   history = metrics_lib.read_metrics(ctx.workdir)
   losses = [h for h in history if "loss" in h]
   return {"steps": int(result.final_step), "final_loss": losses[-1]["loss"] if losses else None,
-          "eval_psnr_db": float(10 * np.log10(4.0 / max(mse, 1e-10))),
-          "recon_scores": {k: float(v) for k, v in recon_scores.items()},
-          "sample_grids": ["reconstructions.png"]}
+          **ceiling, "sample_grids": ["reconstructions.png"]}
 
 
-def _eval_images(size: int) -> list[dict]:
-  return [shapes.make_t2i_example("train", shapes.T2I_CATEGORIES[i % 6], shapes.EVAL_SEED, i, size)
-          for i in range(96)]
+def to_uint8(recon: Any) -> np.ndarray:
+  """Decoder output in [-1, 1] -> uint8 images."""
+  return np.round((np.clip(np.asarray(recon), -1, 1) + 1) * 127.5).astype(np.uint8)
+
+
+def _eval_prompts(size: int, per_category: int = CEILING_PER_CATEGORY) -> list[dict]:
+  return (shapes.t2i_eval_prompts("train", per_category, size) +
+          shapes.t2i_eval_prompts("heldout", per_category, size))
+
+
+def ceilings(reconstruct: Callable[[np.ndarray], np.ndarray], size: int,
+             per_category: int = CEILING_PER_CATEGORY, per_type: int = CEILING_PER_TYPE,
+             batch: int = 64) -> dict[str, Any]:
+  """What the shapes evaluator makes of VAE round-trips of ground truth: the score of a
+  perfect generator decoded by this VAE, so a bound on every later stage's score.
+
+  reconstruct: uint8 images [B, H, W, 3] -> uint8 round-trips. Uses the evaluation sets
+  (`shapes.EVAL_SEED`, held-in and held-out); edit results are scored against the
+  original (not round-tripped) sources, as the eval stage scores them.
+  Returns ceiling_t2i, ceiling_t2i_heldout, ceiling_edit, ceiling_edit_heldout (overall
+  accuracies) and ceiling_scores {"t2i": ..., "edit": ...} (per category / edit type).
+  """
+  def round_trip(images):
+    images = np.stack(images)
+    return np.concatenate([reconstruct(images[i:i + batch]) for i in range(0, len(images), batch)])
+
+  prompts = _eval_prompts(size, per_category)
+  metas = [p["metadata"] for p in prompts]
+  t2i = shapes_eval.score_t2i(list(round_trip([shapes.render(m["scene"]) for m in metas])), metas)
+  edits = (shapes.edit_eval_set("train", per_type, size) +
+           shapes.edit_eval_set("heldout", per_type, size))
+  edit = shapes_eval.score_edit([e["source"] for e in edits],
+                                list(round_trip([e["target"] for e in edits])),
+                                [e["metadata"] for e in edits])
+  return {"ceiling_t2i": t2i["overall"], "ceiling_t2i_heldout": t2i["heldout/overall"],
+          "ceiling_edit": edit["overall"], "ceiling_edit_heldout": edit["heldout/overall"],
+          "ceiling_scores": {"t2i": t2i, "edit": edit}}

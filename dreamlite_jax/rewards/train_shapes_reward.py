@@ -13,7 +13,7 @@ in training). Every positive comes with a negative of one of three kinds: the
 caption with one fact changed (`perturb_caption`), a render that contradicts
 the caption (`shapes_eval.corrupt_t2i`), or another example's image.
 
-    python -m dreamlite_jax.rewards.train_shapes_reward --steps 600 \
+    python -m dreamlite_jax.rewards.train_shapes_reward --steps 1200 \
         --out dreamlite_jax/rewards/weights/shapes_reward.safetensors
 """
 from __future__ import annotations

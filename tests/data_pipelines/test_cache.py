@@ -28,7 +28,7 @@ def fake_encode(batch):
 
 @pytest.fixture
 def edit_source():
-  return shapes.ShapesEditSource(size=16, num_examples=45, seed=7)
+  return shapes.ShapesEditSource(size=20, num_examples=45, seed=7)
 
 
 def test_round_trip_returns_identical_arrays(edit_source, tmp_path):

@@ -211,5 +211,5 @@ def test_bad_inputs_raise_named_errors():
     shapes.ShapesEditSource("heldout", edit_types=["move"])
   with pytest.raises(IndexError, match="out of range"):
     shapes.ShapesT2ISource("train", num_examples=3)[3]
-  with pytest.raises(ValueError, match="16x16"):
+  with pytest.raises(ValueError, match="20x20"):
     shapes.ShapesT2ISource("train", size=8)

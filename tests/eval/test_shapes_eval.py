@@ -7,6 +7,7 @@ import pytest
 
 from data_pipelines import shapes
 from dreamlite_jax.eval import shapes_eval
+from experiments import shapes_tiny
 
 
 def _t2i(split, n, seed=21):
@@ -108,6 +109,21 @@ def test_ground_truth_edits_score_at_least_099_per_type_and_noop_fails():
     assert all(v >= 0.99 for v in noisy.values()), noisy
     noop = shapes_eval.score_edit(srcs, srcs, metas)
     assert all(v == 0.0 for v in noop.values()), noop
+
+
+def test_perfect_editor_scores_one_and_source_copier_zero_on_every_edit_type():
+  """On the job's evaluation sets at the job's image size: the exact targets score 1.0 in
+  every edit type, returning the source unchanged 0.0 (held-in and held-out)."""
+  size = int(shapes_tiny.get_config().data.image_size)
+  for split in shapes.SPLITS:
+    exs = shapes.edit_eval_set(split, per_type=8, size=size)
+    srcs, metas = [e["source"] for e in exs], [e["metadata"] for e in exs]
+    types = shapes.EDIT_TYPES if split == "train" else shapes.HELDOUT_EDIT_TYPES
+    prefix = "" if split == "train" else "heldout/"
+    perfect = shapes_eval.score_edit(srcs, [e["target"] for e in exs], metas)
+    assert perfect == {**{prefix + t: 1.0 for t in types}, prefix + "overall": 1.0}
+    copier = shapes_eval.score_edit(srcs, srcs, metas)
+    assert copier == {**{prefix + t: 0.0 for t in types}, prefix + "overall": 0.0}
 
 
 def _wrong_target(meta, edit_type):

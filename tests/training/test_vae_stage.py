@@ -60,3 +60,19 @@ def test_crop_larger_than_the_images_is_named():
   images = np.zeros((2, 8, 8, 3), np.uint8)
   with pytest.raises(ValueError, match=r"config\.vae\.data\.crop_size = 9"):
     vae_stage.ImageBatches(images, batch_size=2, seed=0, crop_size=9)
+
+
+def test_ceilings_score_round_trips_of_the_evaluation_sets():
+  """A lossless VAE has ceilings 1.0; one that loses the objects has a T2I ceiling 0."""
+  exact = vae_stage.ceilings(lambda x: x, 32, per_category=2, per_type=2)
+  assert {k: exact[k] for k in ("ceiling_t2i", "ceiling_t2i_heldout", "ceiling_edit",
+                                "ceiling_edit_heldout")} == {
+      "ceiling_t2i": 1.0, "ceiling_t2i_heldout": 1.0, "ceiling_edit": 1.0,
+      "ceiling_edit_heldout": 1.0}
+  assert set(exact["ceiling_scores"]["edit"]) >= {"move", "heldout/replace"}
+  # Every pixel the corner's colour: the background survives, no object does.
+  blank = vae_stage.ceilings(lambda x: np.broadcast_to(x[:, :1, :1], x.shape).copy(), 32,
+                             per_category=2, per_type=2, batch=5)
+  assert blank["ceiling_t2i"] == 0.0 and blank["ceiling_t2i_heldout"] == 0.0
+  assert blank["ceiling_edit_heldout"] == 0.0
+  assert blank["ceiling_scores"]["edit"]["add"] == 0.0
