@@ -23,7 +23,7 @@ import numpy as np
 from data_pipelines import shapes
 from dreamlite_jax import main as main_lib
 from dreamlite_jax.eval import shapes_eval
-from dreamlite_jax.training import vae_stage
+from dreamlite_jax.job import vae_stage
 
 
 def _set_world(assignments: Sequence[str]) -> None:

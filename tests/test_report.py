@@ -1,7 +1,7 @@
 """The job report: the VAE stage's ceilings reach scores.json and report.md."""
 import ml_collections
 
-from dreamlite_jax import report
+from dreamlite_jax.job import report
 
 
 def _record(results):
