@@ -186,8 +186,10 @@ def get_config() -> ml_collections.ConfigDict:
   config.eval.per_type = 8
   # The deployed sampler: the distilled student, 4 Euler steps, no guidance.
   config.eval.sampler = _sampler(steps=4, guidance=0.0, image_guidance=0.0, batch_size=48)
+  # The small evaluation of every pretrain-kind stage: at its end, and every `every` U-Net
+  # steps inside it (0 = only at the end) for the report's learning curve.
   config.eval.stage_check = ml_collections.ConfigDict(dict(
-      enabled=True, per_category=4, per_type=2,
+      enabled=True, every=0, per_category=4, per_type=2,
       sampler=_sampler(steps=20, guidance=3.5, image_guidance=1.0, batch_size=48)))
 
   # RL after SFT (dreamlite_jax/job/rl_stage.py): DiffusionNFT with the exact shapes

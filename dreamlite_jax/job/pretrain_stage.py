@@ -6,7 +6,8 @@ caches of real data), trained with the shared trainer from the parent stage's
 checkpoint; they differ only in their config section (the T2I : edit mix,
 resolutions, steps, learning rate, dropout). On the shapes world the stage's EMA
 U-Net is scored at the end on a small shapes evaluation (`config.eval.stage_check`),
-so the report can show what every stage added; on caches the trainer writes sample
+and every `stage_check.every` steps when that is set, so the report's learning curve
+can show what every stage added; on caches the trainer writes sample
 grids of fixed cached prompts every `train.sample_every` steps (`config.samples`).
 
 Section fields: kind, parent, init_from_ema, train (trainer fields), loss
@@ -48,10 +49,14 @@ def train_unet(ctx, config) -> trainer.TrainResult:
   init = init_unet_fn(models.unet, (latent, latent), *stage_data.text_shape(ctx, section))
   seed = config.seed + _stage_salt(ctx.name)
   batches = stage_data.unet_batches(ctx, section, config.train.batch_size, seed)
-  sample_fn = None
+  sample_fn, eval_fn, eval_every = None, None, 0
   if stage_data.source(ctx.config) == "cache" and config.train.sample_every:
     sample_fn = cached_sample_fn(ctx, section, batches)
-  return trainer.train(config, ctx.workdir, loss_fn, batches, init, sample_fn=sample_fn)
+  check = ctx.config.eval.stage_check
+  if stage_data.source(ctx.config) == "shapes" and check.enabled and check.every:
+    eval_fn, eval_every = (lambda params, step: curve_point(stage_check(ctx, params))), check.every
+  return trainer.train(config, ctx.workdir, loss_fn, batches, init, sample_fn=sample_fn,
+                       eval_fn=eval_fn, eval_every=eval_every)
 
 
 def cached_sample_fn(ctx, section, batches):
@@ -78,12 +83,19 @@ def _stage_salt(name: str) -> int:
   return sum(ord(c) * 31 ** i for i, c in enumerate(name)) % 100_003
 
 
-def stage_check(ctx, params) -> dict:
-  """The small end-of-stage shapes evaluation (None-free nested scores), with grids."""
+def stage_check(ctx, params, grids: bool = False) -> dict:
+  """The small shapes evaluation of a stage (None-free nested scores); `grids` writes
+  the sample grids next to the stage's outputs."""
   check = ctx.config.eval.stage_check
   sets = shapes_scoring.eval_sets(ctx.config, check.per_category, check.per_type)
-  return shapes_scoring.evaluate(ctx.models.pipeline(params), sets, check.sampler,
-                               grid_dir=ctx.workdir, prefix="samples_")
+  return shapes_scoring.evaluate(ctx.models.pipeline(checkpoints.as_numpy(params)), sets,
+                                 check.sampler, grid_dir=ctx.workdir if grids else None,
+                                 prefix="samples_")
+
+
+def curve_point(scores: dict) -> dict[str, float]:
+  """The learning-curve metrics of a stage check (`report.LEARNING_CURVE` plots them)."""
+  return {"check_t2i": scores["t2i"]["overall"], "check_edit": scores["edit"]["accuracy"]}
 
 
 def final_loss(workdir: str) -> float | None:
@@ -100,7 +112,6 @@ def run_stage(ctx) -> dict:
   out = {"steps": int(result.final_step), "final_loss": final_loss(ctx.workdir),
          "compile_seconds": result.compile_seconds}
   if stage_data.source(ctx.config) == "shapes" and ctx.config.eval.stage_check.enabled:
-    params = checkpoints.as_numpy(result.state.ema_params)
-    out["scores"] = stage_check(ctx, params)
+    out["scores"] = stage_check(ctx, result.state.ema_params, grids=True)
     out["sample_grids"] = ["samples_t2i.png", "samples_edit.png"]
   return out

@@ -13,6 +13,7 @@ a URL (files are written through `etils.epath`).
   rl.{before, after}   distill.{teacher, teacher_naive_4step, teacher_naive_4step_cfg, student_4step}
   convert.{gpu_check_findings (int), max_abs_err_fp32}   wall_time_s (seconds)
   stages.<stage>.{steps, wall_time_s, final_loss}
+  learning_curve: [{stage, unet_steps, t2i, edit, sampler}...] (see `learning_curve`)
 The t2i/edit numbers are the `eval` stage's (else the last stage that scored).
 """
 from __future__ import annotations
@@ -30,6 +31,9 @@ from data_pipelines import shapes
 from dreamlite_jax.training import metrics as metrics_lib
 
 LOSS_PNG = "loss_curves.png"
+LEARNING_CURVE_PNG = "learning_curve.png"
+# The stage kinds that update the U-Net: their steps make the learning curve's x axis.
+UNET_KINDS = ("pretrain", "rl", "distill")
 # The `vae` stage's results that bound every later score (`vae_stage.ceilings`).
 CEILINGS = ("ceiling_t2i", "ceiling_t2i_heldout", "ceiling_edit", "ceiling_edit_heldout")
 
@@ -41,8 +45,83 @@ def _final_scores(records: dict[str, dict]) -> dict | None:
   return scored[-1] if scored else None
 
 
+def _edit_accuracy(edit: dict) -> float | None:
+  # The eval sets' scores call it `accuracy`; distillation's sampler comparison `overall`.
+  return edit.get("accuracy", edit.get("overall"))
+
+
+def learning_curve(config: ml_collections.ConfigDict, workdir: str,
+                   records: dict[str, dict]) -> list[dict[str, Any]]:
+  """T2I and edit scores against the U-Net updates made so far, across the stages.
+
+  A point per scored stage end (its record's `scores`), plus the points a pretrain
+  stage logged every `eval.stage_check.every` steps (`check_t2i`, `check_edit` in its
+  `metrics.jsonl`). `sampler` says what sampled them: "teacher" for the stage checks and
+  RL's evaluation (many steps with CFG), "student" for the distilled 4-step sampler.
+  """
+  points, done = [], 0
+  for name, record in records.items():
+    kind = config[name].get("kind") if name in config else None
+    results = record["results"]
+    steps = int(results.get("steps") or 0) if kind in UNET_KINDS else 0
+    if kind == "pretrain":
+      by_step = {int(h["step"]): h for h in metrics_lib.read_metrics(os.path.join(workdir, name))
+                 if "check_t2i" in h}
+      points += [{"stage": name, "unet_steps": done + s, "t2i": h["check_t2i"],
+                  "edit": h["check_edit"], "sampler": "teacher"}
+                 for s, h in sorted(by_step.items()) if s < steps]
+    done += steps
+    scores = results.get("scores")
+    if scores and "t2i" in scores:
+      points.append({"stage": name, "unet_steps": done, "t2i": scores["t2i"].get("overall"),
+                     "edit": _edit_accuracy(scores.get("edit", {})),
+                     "sampler": "student" if kind in ("distill", "eval") else "teacher"})
+  return points
+
+
+def plot_learning_curve(points: list[dict], ceilings: dict, path: str) -> str | None:
+  """T2I and edit score against U-Net steps (one PNG), stage ends marked, the VAE
+  ceilings dashed; returns the path (None without points)."""
+  if not points:
+    return None
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  fig, ax = plt.subplots(figsize=(7.0, 3.6))
+  for task, colour, ceiling in (("t2i", "tab:blue", "ceiling_t2i"),
+                                ("edit", "tab:orange", "ceiling_edit")):
+    for sampler, marker, style in (("teacher", "o", "-"), ("student", "*", "")):
+      xy = [(p["unet_steps"], p[task]) for p in points
+            if p["sampler"] == sampler and p[task] is not None]
+      if xy:
+        ax.plot(*zip(*xy), style, marker=marker, color=colour, ms=8 if marker == "*" else 4,
+                lw=1, label=f"{task.upper()} ({sampler} sampler)")
+    if ceilings.get(ceiling) is not None:
+      ax.axhline(ceilings[ceiling], color=colour, ls="--", lw=0.8,
+                 label=f"{task.upper()} VAE ceiling")
+  ends: dict[str, int] = {}
+  for p in points:
+    ends[p["stage"]] = max(ends.get(p["stage"], 0), p["unet_steps"])
+  for stage, x in ends.items():
+    ax.axvline(x, color="0.8", lw=0.6, zorder=0)
+    ax.text(x, 1.02, stage, rotation=45, fontsize=7, ha="left", va="bottom",
+            transform=ax.get_xaxis_transform())
+  ax.set_xlabel("U-Net updates", fontsize=8)
+  ax.set_ylabel("shapes score", fontsize=8)
+  ax.set_ylim(0, 1.05)
+  ax.tick_params(labelsize=7)
+  ax.legend(fontsize=7, loc="upper left")
+  fig.tight_layout()
+  png = io.BytesIO()
+  fig.savefig(png, format="png", dpi=110)
+  plt.close(fig)
+  epath.Path(path).write_bytes(png.getvalue())
+  return path
+
+
 def build_scores(records: dict[str, dict]) -> dict[str, Any]:
-  """The `scores.json` dict (see module docstring)."""
+  """The `scores.json` dict (see module docstring), less the learning curve."""
   scores = _final_scores(records) or {}
   t2i = {"overall": None, "heldout_overall": None, **scores.get("t2i", {})}
   edit = {"accuracy": None, "heldout_accuracy": None, **scores.get("edit", {})}
@@ -127,7 +206,7 @@ def _score_table(records: dict[str, dict]) -> list[str]:
 
 
 def render_markdown(config: ml_collections.ConfigDict, workdir: str, records: dict[str, dict],
-                    scores: dict, loss_png: str | None) -> str:
+                    scores: dict, loss_png: str | None, curve_png: str | None = None) -> str:
   lines = ["# DreamLite-JAX job report", "",
            f"Workdir `{workdir}`; preset `{config.get('preset', 'default')}`; stages "
            f"`{config.stages}`; total wall time {scores['wall_time_s']:.0f} s.", "",
@@ -157,6 +236,12 @@ def render_markdown(config: ml_collections.ConfigDict, workdir: str, records: di
             f"{_fmt(scores['distill']['student_4step'])}",
             "", "## Shapes scores after each stage", ""]
   lines += _score_table(records)
+  if curve_png:
+    lines += ["## Learning curve", "",
+              "T2I and edit scores against the U-Net updates of every stage so far: the stage "
+              "checks and RL's evaluation sample with the teacher sampler (many steps, CFG), "
+              "distillation and eval with the 4-step student; dashed lines are the VAE "
+              "ceilings.", "", f"![learning curve]({os.path.basename(curve_png)})", ""]
   if loss_png:
     lines += ["## Loss curves", "", f"![loss curves]({os.path.basename(loss_png)})", ""]
   lines += ["## Samples", ""]
@@ -182,15 +267,19 @@ def render_markdown(config: ml_collections.ConfigDict, workdir: str, records: di
 
 def write_report(config: ml_collections.ConfigDict, workdir: str, records: dict[str, dict],
                  log: Callable[[str], None] = print) -> dict:
-  """Writes `report.md`, `scores.json` and `loss_curves.png` into `workdir`; returns the scores.
+  """Writes `report.md`, `scores.json`, `loss_curves.png` and `learning_curve.png` into
+  `workdir`; returns the scores.
 
   `records`: {stage: DONE record} of the finished stages of `config.stages`, in order
   (`stages.finished_records`).
   """
   scores = build_scores(records)
+  scores["learning_curve"] = learning_curve(config, workdir, records)
   loss_png = plot_losses(workdir, list(records), os.path.join(workdir, LOSS_PNG))
+  curve_png = plot_learning_curve(scores["learning_curve"], scores["vae"],
+                                  os.path.join(workdir, LEARNING_CURVE_PNG))
   epath.Path(workdir, "scores.json").write_text(json.dumps(scores, indent=2, sort_keys=True))
   epath.Path(workdir, "report.md").write_text(
-      render_markdown(config, workdir, records, scores, loss_png))
+      render_markdown(config, workdir, records, scores, loss_png, curve_png))
   log(f"[job] report: {os.path.join(workdir, 'report.md')}")
   return scores

@@ -42,6 +42,8 @@ from dreamlite_jax.training import step as step_lib
 log = logging.getLogger(__name__)
 
 SampleFn = Callable[[Any, int], np.ndarray]
+# `(params, step) -> {name: float}`: scores of the (EMA) params logged with the step.
+EvalFn = Callable[[Any, int], dict[str, float]]
 
 
 @dataclasses.dataclass
@@ -148,8 +150,8 @@ def loss_program(config: ml_collections.ConfigDict, loss_fn: step_lib.LossFn,
 
 def train(config: ml_collections.ConfigDict, workdir: str, loss_fn: step_lib.LossFn,
           data_iter: Iterator[Any], init_params: Callable[[jax.Array], Any], *,
-          sample_fn: SampleFn | None = None,
-          devices: list[jax.Device] | None = None) -> TrainResult:
+          sample_fn: SampleFn | None = None, eval_fn: EvalFn | None = None,
+          eval_every: int = 0, devices: list[jax.Device] | None = None) -> TrainResult:
   """Trains `loss_fn` for `config.train.steps` steps in `workdir` (resuming whatever is
   there): `run` of `loss_program`.
 
@@ -159,12 +161,16 @@ def train(config: ml_collections.ConfigDict, workdir: str, loss_fn: step_lib.Los
     loss_fn: `(params, batch, rng) -> (scalar loss, {name: scalar})`.
     data_iter: yields host-local batches `{name: [B / process_count, ...]}`.
     init_params: `rng -> params` with logical-axis boxes (`model.init(...)['params']`).
-    sample_fn: see `run`.
+    sample_fn, eval_fn, eval_every: see `run`.
     devices: the mesh's devices (default: all).
   """
   config_schema.validate_trainer(config)
   return run(config, workdir, loss_program(config, loss_fn, init_params, devices), data_iter,
-             sample_fn=sample_fn)
+             sample_fn=sample_fn, eval_fn=eval_fn, eval_every=eval_every)
+
+
+def _sampled_params(state: Any, train_cfg: ml_collections.ConfigDict) -> Any:
+  return state.ema_params if train_cfg.sample_with_ema else state.params
 
 
 def _data_hook(data_iter: Any, name: str, default: Any) -> Any:
@@ -173,7 +179,8 @@ def _data_hook(data_iter: Any, name: str, default: Any) -> Any:
 
 
 def run(config: ml_collections.ConfigDict, workdir: str, program: Program,
-        data_iter: Iterator[Any], *, sample_fn: SampleFn | None = None) -> TrainResult:
+        data_iter: Iterator[Any], *, sample_fn: SampleFn | None = None,
+        eval_fn: EvalFn | None = None, eval_every: int = 0) -> TrainResult:
   """The training loop: `program` for `config.train.steps` steps in `workdir`.
 
   Online data (RL rollouts) is sampled from the policy being trained, so the loop
@@ -192,6 +199,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, program: Program,
     sample_fn: `(params, step) -> images [N, H, W, 3]` (uint8 or [-1, 1] floats),
       called every `train.sample_every` steps on the (EMA) params; written to
       `workdir/samples/step_XXXXXXXX.png`.
+    eval_fn: `(params, step) -> {name: float}`, called every `eval_every` steps before
+      the last on the (EMA) params; the scores are logged with that step's metrics
+      (`metrics.jsonl`, TensorBoard), which is where the report's learning curve reads them.
   """
   config_schema.validate_trainer(config)
   train_cfg = config.train
@@ -262,12 +272,13 @@ def run(config: ml_collections.ConfigDict, workdir: str, program: Program,
           compiled[signature](state, batch, rng, lr, *program.extra_args), mesh)
       step += 1
       pending.append((step, {**step_metrics, **_data_hook(data_iter, "metrics", {})}))
+      if eval_fn is not None and eval_every and step % eval_every == 0 and step < total:
+        pending[-1][1].update(eval_fn(_sampled_params(state, train_cfg), step))
       if step % train_cfg.log_every == 0 or step == total:
         flush_metrics()
       bar.update(1)
       if sample_fn is not None and train_cfg.sample_every and step % train_cfg.sample_every == 0:
-        params = state.ema_params if train_cfg.sample_with_ema else state.params
-        images = np.asarray(sample_fn(params, step))
+        images = np.asarray(sample_fn(_sampled_params(state, train_cfg), step))
         if is_main:
           metrics_lib.write_grid(os.path.join(workdir, "samples", f"step_{step:08d}.png"), images)
       if not _data_hook(data_iter, "at_boundary", True):

@@ -20,6 +20,11 @@ def _sample_fn(params, step):
   return np.full((4, 8, 8, 3), value, np.float32)
 
 
+def _eval_fn(params, step):
+  """A fake stage check: a number read from the (EMA) parameters."""
+  return {"probe": float(np.asarray(jax.device_get(params["bias"])).mean()), "at": float(step)}
+
+
 @pytest.fixture(scope="module")
 def nan_run(tmp_path_factory):
   """6 steps on 8 devices (data 4 x fsdp 2) with a NaN in batch 2."""
@@ -28,7 +33,7 @@ def nan_run(tmp_path_factory):
   config.mesh.fsdp = 2
   init_params, loss_fn = fx.make_model_fns()
   result = trainer.train(config, workdir, loss_fn, fx.SyntheticStream(8, nan_at=(2,)), init_params,
-                         sample_fn=_sample_fn)
+                         sample_fn=_sample_fn, eval_fn=_eval_fn, eval_every=2)
   return workdir, result
 
 
@@ -58,6 +63,9 @@ def test_workdir_layout_samples_tensorboard_checkpoints(nan_run):
   saved = json.loads(open(os.path.join(ckpt.checkpoint_dir(workdir), "6", "data",
                                        "process_0-of-1.json")).read())
   assert saved == {"kind": "json", "value": {"index": 6, "seed": 0}}
+  # eval_fn's scores are logged with their step, every eval_every steps before the last.
+  probes = [(m["step"], m["at"]) for m in metrics_lib.read_metrics(workdir) if "probe" in m]
+  assert probes == [(2, 2.0), (4, 4.0)]
   params = ckpt.load_params(workdir)
   np.testing.assert_array_equal(params["mlp_in"], np.asarray(result.state.params["mlp_in"]))
   ema = ckpt.load_params(workdir, step=4, ema=True)
