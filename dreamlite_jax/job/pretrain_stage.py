@@ -52,9 +52,9 @@ def train_unet(ctx, config) -> trainer.TrainResult:
   sample_fn, eval_fn, eval_every = None, None, 0
   if stage_data.source(ctx.config) == "cache" and config.train.sample_every:
     sample_fn = cached_sample_fn(ctx, section, batches)
-  check = ctx.config.eval.stage_check
-  if stage_data.source(ctx.config) == "shapes" and check.enabled and check.every:
-    eval_fn, eval_every = (lambda params, step: curve_point(stage_check(ctx, params))), check.every
+  if stage_data.source(ctx.config) == "shapes" and ctx.config.eval.stage_check.enabled:
+    eval_every = int(ctx.config.eval.stage_check.every)
+    eval_fn = lambda params, step: curve_point(stage_check(ctx, params))
   return trainer.train(config, ctx.workdir, loss_fn, batches, init, sample_fn=sample_fn,
                        eval_fn=eval_fn, eval_every=eval_every)
 
