@@ -33,6 +33,7 @@ import jax
 import numpy as np
 
 from data_pipelines import training_example
+from dreamlite_jax.training import mesh as mesh_lib
 
 Convert = Callable[[Mapping[str, Any], tuple[int, int], str, np.random.Generator], dict]
 
@@ -164,21 +165,22 @@ def _stream(sources: Sequence[Source], weights: Sequence[float], seed: int,
 
 
 class _HostRows(grain.MapDataset):
-  """This host's rows of every global batch: [index * per_host, (index + 1) * per_host)."""
+  """This host's rows of every global batch: its block `mesh.host_row_range`."""
 
   _MUTATES_ELEMENT_SPEC = False
 
-  def __init__(self, parent: grain.MapDataset, global_batch: int, per_host: int, index: int):
+  def __init__(self, parent: grain.MapDataset, global_batch: int, index: int, count: int):
     super().__init__(parent)
-    self._global_batch, self._per_host, self._index = global_batch, per_host, index
-    self._length = len(parent) // global_batch * per_host
+    self._start, stop = mesh_lib.host_row_range(global_batch, index, count)
+    self._global_batch, self._per_host, self._index = global_batch, stop - self._start, index
+    self._length = len(parent) // global_batch * self._per_host
 
   def __len__(self) -> int:
     return self._length
 
   def _parent_index(self, i: int) -> int:
     batch, row = divmod(i, self._per_host)
-    return batch * self._global_batch + self._index * self._per_host + row
+    return batch * self._global_batch + self._start + row
 
   def __getitem__(self, index):
     if isinstance(index, slice):
@@ -196,7 +198,7 @@ def _host_batches(stream: grain.MapDataset, size: tuple[int, int], crop: str, se
                   convert: Convert, process_index: int, process_count: int,
                   per_host: int) -> grain.MapDataset:
   ds = stream.random_map(lambda raw, rng: convert(raw, size, crop, rng), seed=seed)
-  ds = _HostRows(ds, per_host * process_count, per_host, process_index)
+  ds = _HostRows(ds, per_host * process_count, process_index, process_count)
   return ds.batch(per_host, drop_remainder=True, batch_fn=training_example.collate)
 
 

@@ -262,11 +262,28 @@ def _validate_trained_section(config: ml_collections.ConfigDict, name: str) -> N
   _check_warmup(section, prefix)
 
 
+def check_rl_accum_steps(section: ml_collections.ConfigDict, name: str) -> None:
+  """An rl-kind section takes one train step per minibatch of an iteration's rollouts
+  (its train.batch_size is derived from them): no gradient accumulation."""
+  accum = section.get("train", {}).get("accum_steps", 1)
+  if accum != 1:
+    raise ConfigError(f"config.{name}.train.accum_steps = {accum!r}: must be 1 for RL (each "
+                      f"train step is one of the num_minibatches minibatches of an iteration's "
+                      f"rollouts, and config.{name}.train.batch_size is derived from them; set "
+                      f"num_minibatches to change the rows per step)")
+
+
+def _validate_rl_section(config: ml_collections.ConfigDict, name: str) -> None:
+  """An rl-kind section: see `check_rl_accum_steps`."""
+  check_rl_accum_steps(config[name], name)
+
+
 # kind -> section checks beyond `validate(section)`; kinds not listed get those only.
 _KIND_CHECKS: dict[str, Callable[[ml_collections.ConfigDict, str], None]] = {
     "pretrain": _validate_pretrain_section,
     "vae": _validate_trained_section,
     "distill": _validate_trained_section,
+    "rl": _validate_rl_section,
 }
 
 

@@ -265,6 +265,16 @@ def test_every_trained_stage_warms_up_within_its_steps_checked_before_any_stage(
                             f"--config.{stage}.train.warmup_steps=10"])
 
 
+def test_rl_refuses_gradient_accumulation_naming_the_field_before_any_stage():
+  """An RL train step is one minibatch of an iteration's rollouts: accum_steps is not
+  honoured, so anything but 1 fails at validation instead of being overridden."""
+  path = os.path.join(ROOT, "experiments", "shapes_tiny.py")
+  with pytest.raises(ConfigError, match=r"config\.rl\.train\.accum_steps = 2: must be 1 for RL "
+                                        r"\(each train step is one of the num_minibatches"):
+    stages.load_job_config(path, ["--config.preset=smoke", "--config.rl.train.accum_steps=2"])
+  stages.load_job_config(path, ["--config.preset=smoke", "--config.rl.train.accum_steps=1"])
+
+
 def test_the_command_line_names_a_missing_cache_in_one_line(tmp_path):
   path = _config_file(tmp_path)
   env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.path.dirname(__file__)]),

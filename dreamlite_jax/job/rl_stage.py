@@ -51,6 +51,7 @@ import jax
 import ml_collections
 
 from dreamlite_jax.job import stage_data
+from dreamlite_jax import config_schema
 from dreamlite_jax.config import ConfigError
 from dreamlite_jax.diffusion import flow
 from dreamlite_jax.eval import shapes_scoring
@@ -158,7 +159,7 @@ def _trainer_config(config: ml_collections.ConfigDict, section: ml_collections.C
                     rows_per_update: int, updates: int) -> ml_collections.ConfigDict:
   """The stage config with the trainer's step counts in RL units: `iterations` x updates
   per iteration steps of `rows_per_update` rows, a checkpoint every `checkpoint_every`
-  iterations."""
+  iterations, no gradient accumulation (`config_schema.check_rl_accum_steps`)."""
   config.train.steps = int(section.iterations) * updates
   config.train.batch_size = rows_per_update
   config.train.checkpoint_every = int(section.checkpoint_every) * updates
@@ -172,6 +173,7 @@ def run_stage(ctx) -> dict:
   if not ctx.parent_workdir:
     raise ConfigError(f"config.{name}.parent must name the stage RL starts from (sft)")
   method = method_of(name, section)
+  config_schema.check_rl_accum_steps(section, name)
   cached = stage_data.source(ctx.config) == "cache"
   if cached and "size" not in section.get("data", {}):
     raise ConfigError(f"config.{name}.data.size is required with data.source = 'cache': the "

@@ -185,14 +185,19 @@ def barrier(tag: str, timeout_s: int = 3600) -> None:
                                                   timeout_s * 1000)
 
 
+def host_row_range(n: int, process_index: int, process_count: int) -> tuple[int, int]:
+  """(start, stop) of process `process_index`'s contiguous block of `n` global rows split
+  over `process_count` processes: blocks in process order, so a global batch is the same
+  whatever the process count (the RL rollouts and `data_pipelines.loader` split by it)."""
+  if n % process_count:
+    raise ValueError(f"{n} global rows do not split over {process_count} processes")
+  per_host = n // process_count
+  return process_index * per_host, (process_index + 1) * per_host
+
+
 def host_rows(n: int) -> slice:
-  """This process's contiguous block of `n` global rows (the loader's split, so a global
-  batch is the same whatever the process count)."""
-  count, index = jax.process_count(), jax.process_index()
-  if n % count:
-    raise ValueError(f"{n} global rows do not split over {count} processes")
-  per_host = n // count
-  return slice(index * per_host, (index + 1) * per_host)
+  """This process's contiguous block of `n` global rows (`host_row_range`)."""
+  return slice(*host_row_range(n, jax.process_index(), jax.process_count()))
 
 
 def gather_rows(x: np.ndarray) -> np.ndarray:

@@ -125,10 +125,16 @@ def draw_scalars(draw: Draw, items: list[dict]) -> dict[str, float]:
   """Train rewards (all, T2I, edit) and diversity over every process's samples."""
   if draw.rewards is None:
     return {}
-  edit = mesh_lib.gather_rows(np.array([item["source"] is not None for item in items
-                                        for _ in range(draw.group)]))
-  rewards = mesh_lib.gather_rows(np.asarray(draw.rewards, np.float32))
-  diversity = mesh_lib.gather_rows(np.array([group_diversity(draw.images, draw.group)]))
+  rewards = np.asarray(draw.rewards, np.float32)
+  edit = np.array([item["source"] is not None for item in items for _ in range(draw.group)])
+  diversity = group_diversity(draw.images, draw.group)  # a float32 value
+  # One collective: this process's [rewards | edit flags | diversity] as one float32 row
+  # (exact: the flags are 0/1, diversity a float32), split again per process.
+  n = rewards.shape[0]
+  stacked = mesh_lib.gather_rows(
+      np.concatenate([rewards, edit.astype(np.float32), [diversity]]).astype(np.float32)[None])
+  rewards, edit = stacked[:, :n].reshape(-1), stacked[:, n:2 * n].reshape(-1) != 0
+  diversity = stacked[:, 2 * n]
   return {"reward": float(rewards.mean()),
           "reward_t2i": float(rewards[~edit].mean()) if (~edit).any() else 0.0,
           "reward_edit": float(rewards[edit].mean()) if edit.any() else 0.0,
