@@ -88,7 +88,7 @@ def plot_learning_curve(points: list[dict], ceilings: dict, path: str) -> str | 
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
-  fig, ax = plt.subplots(figsize=(7.0, 3.6))
+  fig, ax = plt.subplots(figsize=(8.5, 3.6))
   for task, colour, ceiling in (("t2i", "tab:blue", "ceiling_t2i"),
                                 ("edit", "tab:orange", "ceiling_edit")):
     for sampler, marker, style in (("teacher", "o", "-"), ("student", "*", "")):
@@ -100,18 +100,21 @@ def plot_learning_curve(points: list[dict], ceilings: dict, path: str) -> str | 
     if ceilings.get(ceiling) is not None:
       ax.axhline(ceilings[ceiling], color=colour, ls="--", lw=0.8,
                  label=f"{task.upper()} VAE ceiling")
-  ends: dict[str, int] = {}
+  ends: dict[int, list[str]] = {}  # stage ends at the same update count share a label
   for p in points:
-    ends[p["stage"]] = max(ends.get(p["stage"], 0), p["unet_steps"])
-  for stage, x in ends.items():
+    names = ends.setdefault(max(q["unet_steps"] for q in points if q["stage"] == p["stage"]), [])
+    if p["stage"] not in names:
+      names.append(p["stage"])
+  for x, names in ends.items():
     ax.axvline(x, color="0.8", lw=0.6, zorder=0)
-    ax.text(x, 1.02, stage, rotation=45, fontsize=7, ha="left", va="bottom",
+    ax.text(x, 1.02, ", ".join(names), rotation=30, fontsize=7, ha="left", va="bottom",
             transform=ax.get_xaxis_transform())
   ax.set_xlabel("U-Net updates", fontsize=8)
   ax.set_ylabel("shapes score", fontsize=8)
+  ax.set_xlim(0, max(ends) * 1.03)
   ax.set_ylim(0, 1.05)
   ax.tick_params(labelsize=7)
-  ax.legend(fontsize=7, loc="upper left")
+  ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
   fig.tight_layout()
   png = io.BytesIO()
   fig.savefig(png, format="png", dpi=110)
