@@ -161,7 +161,7 @@ TIMESTEP_SAMPLERS = ("uniform", "logit_normal")
 
 
 def sample_training_sigmas(rng: jax.Array, batch_size: int, kind: str = "uniform",
-                           logit_mean: float = 0.0, logit_std: float = 1.0,
+                           logit_mean: float | jax.Array = 0.0, logit_std: float = 1.0,
                            mu: float | None = None) -> jax.Array:
   """Noise levels for a training batch.
 
@@ -170,7 +170,8 @@ def sample_training_sigmas(rng: jax.Array, batch_size: int, kind: str = "uniform
     batch_size: B.
     kind: "uniform" (s ~ U(0, 1), the public DreamLite recipe) or "logit_normal"
       (s = sigmoid(n), n ~ N(logit_mean, logit_std^2), SD3's choice).
-    logit_mean, logit_std: parameters of the logit-normal.
+    logit_mean, logit_std: parameters of the logit-normal (`logit_mean` may be [B]: one
+      mean per row).
     mu: optional resolution shift applied after sampling (see `shift_sigmas`).
   Returns:
     sigmas [B] float32 in (0, 1).

@@ -38,6 +38,11 @@ class PretrainLossConfig:
   timestep_sampling: str = "uniform"  # or "logit_normal"
   logit_mean: float = 0.0
   logit_std: float = 1.0
+  # The logit-normal mean of edit rows (None = logit_mean). Above 0 it trains edits more at
+  # high noise, where the target half holds little and the prediction must come from the
+  # source half: that is where copying across the canvas is learned (docs/results.md,
+  # "Editing").
+  edit_logit_mean: float | None = None
   shift_mu: float | None = None  # optional shift of the training sigmas
   text_dropout: float = 0.0  # prob. of replacing the prompt by the null prompt
   image_dropout: float = 0.0  # prob. of zeroing an edit example's source latent
@@ -46,6 +51,9 @@ class PretrainLossConfig:
     if self.timestep_sampling not in flow.TIMESTEP_SAMPLERS:
       raise ValueError(f"timestep_sampling={self.timestep_sampling!r}; expected one of "
                        f"{flow.TIMESTEP_SAMPLERS}")
+    if self.edit_logit_mean is not None and self.timestep_sampling != "logit_normal":
+      raise ValueError(f"edit_logit_mean={self.edit_logit_mean} needs timestep_sampling="
+                       f"'logit_normal', got {self.timestep_sampling!r}")
     for name in ("text_dropout", "image_dropout"):
       p = getattr(self, name)
       if not 0.0 <= p <= 1.0:
@@ -104,7 +112,10 @@ def flow_matching_loss(predict_fn: PredictFn, params: Any, batch: dict, rng: jax
     keep_source = edit * (1.0 - jax.random.bernoulli(k_image, config.image_dropout, (b,)))
   condition = packing.condition_latents(source, None if source is None else keep_source, x0)
 
-  sigma = flow.sample_training_sigmas(k_sigma, b, config.timestep_sampling, config.logit_mean,
+  logit_mean = config.logit_mean
+  if config.edit_logit_mean is not None:
+    logit_mean = jnp.where(edit > 0, config.edit_logit_mean, config.logit_mean)
+  sigma = flow.sample_training_sigmas(k_sigma, b, config.timestep_sampling, logit_mean,
                                       config.logit_std, config.shift_mu)
   noise = jax.random.normal(k_noise, x0.shape, jnp.float32)
   x_t = flow.add_noise(x0, noise, sigma)

@@ -112,6 +112,32 @@ def test_condition_dropout():
     pretrain_loss.PretrainLossConfig(timestep_sampling="cosine")
 
 
+def test_edit_rows_draw_noise_levels_from_their_own_logit_normal():
+  """`edit_logit_mean` moves only the edit rows' noise levels (same draws otherwise)."""
+  b = 512
+  batch = _batch(b=4)
+  batch = {k: jnp.repeat(v, b // 4, axis=0) for k, v in batch.items()}
+  edit = np.asarray(batch["is_edit"]) == 1
+  seen = {}
+
+  def predict(params, canvas, timestep, cond):
+    seen["sigma"] = timestep / 1000.0
+    return jnp.zeros_like(canvas)
+
+  def sigmas(**kw):
+    cfg = pretrain_loss.PretrainLossConfig(timestep_sampling="logit_normal", **kw)
+    pretrain_loss.flow_matching_loss(predict, {}, batch, jax.random.PRNGKey(0), cfg)
+    return np.asarray(seen["sigma"])
+
+  base, shifted = sigmas(), sigmas(edit_logit_mean=1.5)
+  np.testing.assert_array_equal(shifted[~edit], base[~edit])
+  logit = lambda s: np.log(s / (1 - s))
+  np.testing.assert_allclose(logit(shifted[edit]) - logit(base[edit]), 1.5, atol=1e-3)
+  assert shifted[edit].mean() > 0.75 > base[edit].mean()
+  with pytest.raises(ValueError, match="edit_logit_mean.*logit_normal"):
+    pretrain_loss.PretrainLossConfig(timestep_sampling="uniform", edit_logit_mean=1.0)
+
+
 def test_loss_trains_a_tiny_linear_model():
   """A per-pixel linear model learns the T2I-optimal velocity for a fixed x0."""
   import optax
