@@ -5,8 +5,9 @@
   `validate_trainer` also requires every field the trainer reads.
 * `validate_job(config, names)`: a whole job config (the spec's shape: `stages`,
   `seed`, `mesh`, `model`, `data`, one section per stage with its `kind`) before its
-  first stage runs: the job-wide sections, the data source, and each named stage's
-  section by its kind. Pure: reads nothing but the config.
+  first stage runs: the job-wide sections, the data source, each named stage's
+  section by its kind, and every `sampler` section of the job (`SAMPLERS`: each a
+  `SamplerConfig`). Pure: reads nothing but the config.
 * `check_job_environment(config, names, device_count, process_count)`: what the job
   needs from the machine it starts on: the embedding caches its stages draw from,
   the weight folders it names, a mesh that fits the devices, batches that split over
@@ -24,6 +25,7 @@ import ml_collections
 from etils import epath
 
 from dreamlite_jax.config import ConfigError, require
+from dreamlite_jax.diffusion.sampling import SAMPLER_FIELDS, SamplerConfig
 from dreamlite_jax.models import channel_concat
 from dreamlite_jax.models.weights import find_unet_dir
 from dreamlite_jax.models.unet import UNetConfig
@@ -71,6 +73,12 @@ _FIELDS: dict[str, tuple[Callable[[Any], bool], str]] = {
                         "must be a path string: a training run, a job's stage directory or a "
                         "diffusers DreamLite folder ('' = none)"),
     "init_from_ema": (lambda v: isinstance(v, bool), "must be a bool"),
+    # Sampling calls of the evaluations: rows per call, the noise seed of each call.
+    "batch_size": _positive_int,
+    "eval.batch_size": _positive_int,
+    "stage_check.batch_size": _positive_int,
+    "eval.seed": (_is_int, "must be an int"),
+    "stage_check.seed": (_is_int, "must be an int"),
     "data.t2i_weight": (lambda v: _is_num(v) and v >= 0, "must be >= 0"),
     "data.edit_weight": (lambda v: _is_num(v) and v >= 0, "must be >= 0"),
     "data.t2i_cache": (lambda v: isinstance(v, str), "must be a path string ('' = none)"),
@@ -85,6 +93,18 @@ _FIELDS: dict[str, tuple[Callable[[Any], bool], str]] = {
                          "must be ((side_px, first_step), ...) with positive sides, the first "
                          "starting at step 0 and start steps increasing"),
 }
+
+# The `SamplerConfig` sections of each stage kind, relative to its section. Those of every
+# section of the job are checked; a stage that runs needs all of its kind's but
+# `stage_check.sampler` (read by pretrain-kind stages on the shapes source, when enabled).
+SAMPLERS = {
+    "eval": ("sampler", "stage_check.sampler"),
+    "rl": ("sampler", "eval.sampler"),              # rollouts; the before/after evaluation
+    "distill": ("objective.teacher", "eval.teacher"),  # real score + regression; scoring
+}
+OPTIONAL_SAMPLERS = ("stage_check.sampler",)
+# Job-wide sampler sections, checked when present: the cache source's periodic sample grids.
+JOB_SAMPLERS = ("samples.sampler",)
 
 # The job's data sources (`config.data.source`).
 DATA_SOURCES = ("shapes", "cache")
@@ -278,6 +298,22 @@ def _validate_rl_section(config: ml_collections.ConfigDict, name: str) -> None:
   check_rl_accum_steps(config[name], name)
 
 
+def _validate_samplers(config: ml_collections.ConfigDict, names: list[str]) -> None:
+  """Every sampler section of the job is a valid `SamplerConfig`; the stages `names`
+  have theirs."""
+  for field in JOB_SAMPLERS:
+    if _has(config, field):
+      SamplerConfig.from_config(_get(config, field), f"config.{field}")
+  for name in stage_names(config):
+    section = config[name]
+    for field in SAMPLERS.get(section.kind, ()):
+      if _has(section, field):
+        SamplerConfig.from_config(_get(section, field), f"config.{name}.{field}")
+      elif name in names and field not in OPTIONAL_SAMPLERS:
+        raise ConfigError(f"config.{name}.{field} is missing (a {section.kind!r}-kind stage "
+                          f"samples with it: a section with {SAMPLER_FIELDS})")
+
+
 # kind -> section checks beyond `validate(section)`; kinds not listed get those only.
 _KIND_CHECKS: dict[str, Callable[[ml_collections.ConfigDict, str], None]] = {
     "pretrain": _validate_pretrain_section,
@@ -318,6 +354,7 @@ def validate_job(config: ml_collections.ConfigDict, names: list[str]) -> None:
     check = _KIND_CHECKS.get(section.kind)
     if check is not None:
       check(config, name)
+  _validate_samplers(config, names)
 
 
 def _cache_problem(root: str, sides: list[int]) -> str:

@@ -173,7 +173,7 @@ class ModelRef:
     notes: what was found and assumed, one line each.
     steps, guidance: how the model samples by default: 28 Euler steps with CFG 3.5, or
       for a distilled student (a job's distill stage, a DreamLiteMobilePipeline) its
-      few steps without guidance (None).
+      few steps without guidance (0).
   """
   path: str
   kind: str
@@ -189,7 +189,7 @@ class ModelRef:
   notes: list[str] = dataclasses.field(default_factory=list)
   step: int = -1
   steps: int = 28
-  guidance: float | None = 3.5
+  guidance: float = 3.5  # 0 = no CFG
   vae_config: VAEConfig | None = None
   _log: Log | None = dataclasses.field(default=None, repr=False)
   _unet: tuple[UNetConfig, Any] | None = dataclasses.field(default=None, repr=False)
@@ -279,7 +279,7 @@ def _resolve_diffusers(path: str, log: Log | None) -> ModelRef:
     return ref
   index = weights.read_model_index(path, ref.note)
   if index.get("_class_name") == "DreamLiteMobilePipeline":
-    ref.steps, ref.guidance = 4, None
+    ref.steps, ref.guidance = 4, 0.0
     ref.note(f"{path}: a DreamLiteMobilePipeline (distilled): it samples with 4 steps and no "
              f"guidance (eval's default for it)")
   parts = {name: os.path.join(path, name) for name in ("vae", "text_encoder", "tokenizer",
@@ -334,7 +334,7 @@ def _resolve_run(path: str, step: int, log: Log | None) -> ModelRef:
   ref.image_size = _largest_side(config, stage) or _largest_side(job_config, stage)
   if stage and section(job_config, f"{stage}.kind") == "distill":
     timesteps = section(job_config, f"{stage}.objective.student_timesteps") or ()
-    ref.steps, ref.guidance = len(timesteps) or 4, None
+    ref.steps, ref.guidance = len(timesteps) or 4, 0.0
     ref.note(f"{path}: the student of the job's {stage!r} stage: it samples with {ref.steps} "
              f"steps and no guidance (eval's default for it)")
   return ref

@@ -6,8 +6,8 @@ can be built from in-memory params (tests, the trainer's periodic samples) or
 from any model `dreamlite_jax.model_ref` names (`load_pipeline`): a training run,
 a job's stage directory, or a diffusers DreamLite folder such as the release. Sampling follows
 `DreamLitePipeline`: shifted flow-matching sigmas, Euler steps, text CFG for
-generation and dual (text + image) guidance for editing; `guidance=None` gives
-the CFG-free few-step sampler of distilled (mobile) checkpoints.
+generation and dual (text + image) guidance for editing; `guidance=0` gives
+the CFG-free few-step sampler of distilled (mobile) checkpoints (None, too).
 
 CLI (`--model` and `--checkpoint` are the same option):
   python -m dreamlite_jax.pipeline generate --model DIR --prompt "a red circle" --out a.png
@@ -173,12 +173,21 @@ class Pipeline:
 
   def denoise(self, noise: jax.Array, condition: jax.Array, cond: dict, uncond: dict | None,
               steps: int, guidance: float | None, image_guidance: float | None) -> jax.Array:
-    """Runs the sampler on latents `[B, h, w, 4]`; returns final latents `[B, h, w, 4]`."""
+    """Runs the sampler on latents `[B, h, w, 4]`; returns final latents `[B, h, w, 4]`.
+
+    `guidance` 0 (or None) samples without CFG (`uncond` is then unused);
+    `image_guidance` 0 (or None) is text CFG, any other value dual guidance (three
+    branches, even at 1). See `sampling.guidance_scales`.
+    """
     # Padded to one length: every step count shares the compiled sampler of its mode.
     sigmas = jnp.asarray(sampling.pad_schedule(
         flow.sampling_sigmas(steps, self.shift.mu(*noise.shape[1:3]))))
-    g = None if guidance is None else jnp.float32(guidance)
-    g_img = None if image_guidance is None else jnp.float32(image_guidance)
+    g, g_img = sampling.guidance_scales(guidance, image_guidance)
+    if g is None:
+      uncond = None
+    else:
+      g = jnp.float32(g)
+      g_img = None if g_img is None else jnp.float32(g_img)
     return self._denoise(self.unet_params, noise, condition, sigmas, cond, uncond, g, g_img)
 
   # ---------------------------------------------------------------- public API
@@ -198,7 +207,7 @@ class Pipeline:
       prompts: one prompt or a list (one image each, batched).
       seed: images are a deterministic function of (seed, index in the batch).
       steps: Euler steps (28 base, 4 for distilled checkpoints).
-      guidance: text CFG scale; None = no CFG (distilled checkpoints).
+      guidance: text CFG scale; 0 (or None) = no CFG (distilled checkpoints).
       size: int or (height, width) in pixels.
       output: "pil" (list of PIL images), "np" (uint8 [B, H, W, 3]) or "latent".
       noise: initial latents [B, H/vae_scale, W/vae_scale, 4] instead of the seed's (e.g.
@@ -210,6 +219,7 @@ class Pipeline:
     size = _as_size(size)
     self._check_size(size)
     b = len(prompts)
+    guidance, _ = sampling.guidance_scales(guidance)
     cond = self._cond(*self.text_encoder.encode_generate(prompts), size)
     uncond = None
     if guidance is not None:
@@ -227,11 +237,11 @@ class Pipeline:
     Args:
       images: PIL image(s) or uint8 [H, W, 3] array(s), one per instruction.
       instructions: edit instruction(s).
-      guidance: text guidance `g`; None = no guidance at all (distilled
+      guidance: text guidance `g`; 0 (or None) = no guidance at all (distilled
         checkpoints; `image_guidance` is then unused).
       image_guidance: image guidance `g_img` of the dual guidance
         `u + g (v_text - v_img) + g_img (v_img - u)` (3 network branches per
-        step); None or 1.0 = text CFG with the source in both branches (2
+        step); 0, None or 1.0 = text CFG with the source in both branches (2
         branches; for g_img = 1 this is the same formula).
       size: output (height, width); default: the first source's size rounded
         down to `size_multiple`. Sources are resized to it (Lanczos).
@@ -253,6 +263,7 @@ class Pipeline:
     size = _as_size(size)
     self._check_size(size)
     b = len(images)
+    guidance, image_guidance = sampling.guidance_scales(guidance, image_guidance)
     pixels = jnp.asarray(np.stack([load_image(im, size) for im in images]))
     source = self._encode(self.vae_params, pixels)
     vision_images = pixels if getattr(self.text_encoder.config, "vision", None) is not None else None
@@ -260,7 +271,7 @@ class Pipeline:
     uncond = None
     if guidance is not None:
       uncond = self._cond(*self.text_encoder.encode_edit_unconditional(b, vision_images), size)
-    if guidance is None or image_guidance == 1.0:
+    if image_guidance == 1.0:
       # g_img = 1: u + g (v_text - v_img) + (v_img - u) = v_img + g (v_text - v_img), i.e.
       # text CFG whose negative branch keeps the source: two network branches, not three.
       image_guidance = None
@@ -277,23 +288,24 @@ class Pipeline:
 
     No text encoder runs: the features are the cached ones. T2I rows have a zero
     source, for which dual guidance reduces to text CFG, so one batch may mix both tasks.
+    Guidance as in `edit` (0 or None = off).
     """
     latents = np.asarray(conditions["latents"])
     b, h, w = latents.shape[:3]
-    guided = guidance is not None and guidance > 0
+    guidance, image_guidance = sampling.guidance_scales(guidance, image_guidance)
     cond = {"text": jnp.asarray(conditions["text"], jnp.float32),
             "text_mask": jnp.asarray(conditions["text_mask"]),
             "time_ids": jnp.asarray(conditions["time_ids"], jnp.float32)}
     uncond = None
-    if guided:
+    if guidance is not None:
       uncond = {"text": jnp.asarray(conditions["null_text"], jnp.float32),
                 "text_mask": jnp.asarray(conditions["null_text_mask"]),
                 "time_ids": cond["time_ids"]}
-    if not guided or image_guidance in (None, 1.0):
+    if image_guidance == 1.0:  # two branches, as in `edit`
       image_guidance = None
     noise = self._noise(seed, b, (h * self.vae_scale, w * self.vae_scale))
     out = self.denoise(noise, jnp.asarray(conditions["source_latents"], jnp.float32), cond,
-                       uncond, steps, guidance if guided else None, image_guidance)
+                       uncond, steps, guidance, image_guidance)
     return self._finish(out, "np")
 
 
@@ -360,14 +372,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output PNG (index suffix added for several)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=int, default=28)
-    p.add_argument("--guidance", type=float, default=3.5, help="text CFG scale; <= 0 disables CFG")
+    p.add_argument("--guidance", type=float, default=3.5, help="text CFG scale; 0 disables CFG")
     p.add_argument("--size", type=int, nargs="+", default=None, help="H [W] in pixels")
     if name == "generate":
       p.add_argument("--prompt", required=True, action="append", help="repeat for a batch")
     else:
       p.add_argument("--image", required=True, help="source image file")
       p.add_argument("--instruction", required=True)
-      p.add_argument("--image-guidance", type=float, default=1.0, help="<= 0 = text CFG only")
+      p.add_argument("--image-guidance", type=float, default=1.0, help="0 = text CFG only")
   return parser
 
 
@@ -385,19 +397,17 @@ def main(argv: Sequence[str] | None = None,
   model_ref.log_to_console()
   pipe = loader(args.model, text_encoder=args.text_encoder,
                 vae_checkpoint=args.vae_checkpoint, step=args.step, ema=not args.no_ema)
-  guidance = args.guidance if args.guidance > 0 else None
   size = None if args.size is None else (args.size[0], args.size[-1])
   if args.command == "generate":
-    images = pipe.generate(args.prompt, seed=args.seed, steps=args.steps, guidance=guidance,
+    images = pipe.generate(args.prompt, seed=args.seed, steps=args.steps, guidance=args.guidance,
                            size=size or 1024)
   else:
     if not os.path.isfile(args.image):
       raise FileNotFoundError(f"--image not found: {args.image}")
     with Image.open(args.image) as source:
       source = source.convert("RGB")
-    image_guidance = args.image_guidance if args.image_guidance > 0 else None
     images = pipe.edit(source, args.instruction, seed=args.seed, steps=args.steps,
-                       guidance=guidance, image_guidance=image_guidance, size=size)
+                       guidance=args.guidance, image_guidance=args.image_guidance, size=size)
   paths = _out_paths(args.out, len(images))
   for image, path in zip(images, paths):
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)

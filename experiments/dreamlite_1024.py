@@ -30,6 +30,7 @@ import dataclasses
 
 import ml_collections
 
+from dreamlite_jax.diffusion.sampling import SamplerConfig
 from dreamlite_jax.models.unet import UNetConfig
 from dreamlite_jax.models.vae import VAEConfig
 from experiments import train_defaults
@@ -42,6 +43,12 @@ MOBILE_TIMESTEPS = (1000.0, 904.53, 759.51, 512.84)
 
 def _dataclass_fields(instance) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(dataclasses.asdict(instance))
+
+
+def _sampler(steps: int, guidance: float, image_guidance: float) -> ml_collections.ConfigDict:
+  """A `sampler` section (`SamplerConfig`); guidance 0 = no CFG, image_guidance 0 = text
+  CFG only."""
+  return _dataclass_fields(SamplerConfig(steps, guidance, image_guidance))
 
 
 def _loss(image_dropout: float) -> ml_collections.ConfigDict:
@@ -85,14 +92,15 @@ def rl_section() -> ml_collections.ConfigDict:
       iterations=1_000,
       prompts_per_iteration=16,
       edit_fraction=0.5,
-      sample_steps=10,
+      # The rollouts' sampler, set for `method`: Flow-GRPO's 10 SDE steps with text CFG.
+      # For DiffusionNFT set steps=28, image_guidance=1.0 (28-step ODE, dual guidance);
+      # ReFL's schedule is `refl.num_steps`.
+      sampler=_sampler(steps=10, guidance=3.5, image_guidance=0.0),
       num_minibatches=4,          # 16 x 8 x 10 = 1280 transition rows -> 4 updates of 320
       checkpoint_every=25,
       data=dict(size=1024),       # the cache side prompts and edit sources are read at
-      grpo=dict(group_size=8, noise_level=0.7, clip_range=1e-4, adv_clip=5.0, kl_beta=0.04,
-                guidance=3.5, image_guidance=0.0),
-      nft=dict(group_size=8, beta=1.0, adv_clip=2.0, noise_draws=1, sample_steps=28,
-               guidance=3.5, image_guidance=1.0),
+      grpo=dict(group_size=8, noise_level=0.7, clip_range=1e-4, adv_clip=5.0, kl_beta=0.04),
+      nft=dict(group_size=8, beta=1.0, adv_clip=2.0, noise_draws=1),
       refl=dict(t2i_threshold=0.9, edit_threshold=0.85, reward_weight=1e-3,
                 pretrain_weight=1.0, num_steps=28, late_steps=10, shift_mu=1.15),
       reward=dict(name="clip", path=""),
@@ -100,8 +108,8 @@ def rl_section() -> ml_collections.ConfigDict:
           steps=2_000, batch_size=1280, lr=3e-6, schedule="constant", warmup_steps=0,
           weight_decay=0.0, grad_clip=1.0, ema_decay=0.99, compute_dtype="bfloat16",
           log_every=1, checkpoint_every=50, keep_checkpoints=3, async_checkpoints=False),
-      eval=dict(count=32, sampler=dict(steps=28, guidance=3.5, image_guidance=1.0,
-                                        batch_size=16, seed=0)),
+      eval=dict(count=32, sampler=_sampler(steps=28, guidance=3.5, image_guidance=1.0),
+                batch_size=16, seed=0),
   ))
 
 
@@ -122,13 +130,13 @@ def distill_section() -> ml_collections.ConfigDict:
           student_timesteps=MOBILE_TIMESTEPS,
           student_sampler="euler",
           fake_updates=5,
-          guidance_scale=3.5,
-          image_guidance_scale=1.0,
+          # The guided teacher: its guidance is the real score's, its steps the regression
+          # targets' (28-step Euler ODE).
+          teacher=_sampler(steps=28, guidance=3.5, image_guidance=1.0),
           dmd_weight=1.0,
           sigma_min=0.02,
           sigma_max=0.98,
           regression_weight=0.25,  # teacher ODE pairs stabilise the first thousands of steps
-          regression_steps=28,
           gan_weight=3e-3,         # DMD2's GAN term on mid-block fake-score features
           gan_disc_weight=1e-2,
           gan_hidden=256,
@@ -140,8 +148,9 @@ def distill_section() -> ml_collections.ConfigDict:
           compute_dtype="bfloat16", log_every=50, checkpoint_every=1_000, sample_every=0),
       # The pool is held in host memory (~2.6 MB of latents + text per row at 1024px).
       data=dict(size=1024, pool_size=2_048, edit_fraction=0.5, seed=0),
-      eval=dict(size=1024, per_category=32, per_type=16, teacher_steps=28, guidance=3.5,
-                image_guidance=1.0, use_ema=True, seed=0, batch_size=16),
+      eval=dict(size=1024, per_category=32, per_type=16,
+                teacher=_sampler(steps=28, guidance=3.5, image_guidance=1.0),
+                use_ema=True, seed=0, batch_size=16),
   ))
 
 
@@ -170,8 +179,8 @@ def get_config() -> ml_collections.ConfigDict:
   ))
   config.mesh = train_defaults.mesh_config(data=-1, fsdp=8, tensor=1, max_replicated_fraction=0.05)
   # Sample grids every `train.sample_every` steps: fixed cached prompts, the base sampler.
-  config.samples = ml_collections.ConfigDict(dict(count=8, steps=28, guidance=3.5,
-                                                  image_guidance=1.0, seed=0))
+  config.samples = ml_collections.ConfigDict(dict(
+      count=8, seed=0, sampler=_sampler(steps=28, guidance=3.5, image_guidance=1.0)))
 
   config.pretrain_t2i = pretrain_section(
       "", 1.0, 0.0, steps=300_000, resolutions=((512, 0), (768, 120_000), (1024, 200_000)))

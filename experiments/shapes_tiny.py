@@ -25,6 +25,7 @@ import dataclasses
 import ml_collections
 
 from dreamlite_jax.diffusion import flow
+from dreamlite_jax.diffusion.sampling import SamplerConfig
 from dreamlite_jax.models.unet import UNetConfig
 from dreamlite_jax.models.vae import VAEConfig
 from experiments import train_defaults
@@ -44,18 +45,18 @@ SMOKE = (
     "vae.data.crop_size=16",
     *[f"{s}.{field}" for s in _UNET_STAGES for field in (
         "train.steps=4", "train.batch_size=8", "train.warmup_steps=1")],
-    "rl.iterations=1", "rl.prompts_per_iteration=2", "rl.sample_steps=2", "rl.num_minibatches=1",
+    "rl.iterations=1", "rl.prompts_per_iteration=2", "rl.sampler.steps=2", "rl.num_minibatches=1",
     "rl.grpo.group_size=2", "rl.nft.group_size=2", "rl.nft.noise_draws=2",
-    "rl.nft.sample_steps=2", "rl.eval.per_category=1", "rl.eval.per_type=1",
-    "rl.eval.sampler.steps=2", "rl.eval.sampler.batch_size=8",
+    "rl.eval.per_category=1", "rl.eval.per_type=1",
+    "rl.eval.sampler.steps=2", "rl.eval.batch_size=8",
     "distill.train.steps=2", "distill.train.batch_size=8", "distill.train.warmup_steps=1",
     "distill.objective.fake_updates=1",
-    "distill.objective.regression_steps=2", "distill.data.pool_size=8",
-    "distill.eval.per_category=1", "distill.eval.per_type=1", "distill.eval.teacher_steps=2",
+    "distill.objective.teacher.steps=2", "distill.data.pool_size=8",
+    "distill.eval.per_category=1", "distill.eval.per_type=1", "distill.eval.teacher.steps=2",
     "distill.eval.batch_size=8",
-    "eval.per_category=1", "eval.per_type=1", "eval.sampler.batch_size=8",
+    "eval.per_category=1", "eval.per_type=1", "eval.batch_size=8",
     "eval.stage_check.per_category=1", "eval.stage_check.per_type=1",
-    "eval.stage_check.sampler.steps=2", "eval.stage_check.sampler.batch_size=8",
+    "eval.stage_check.sampler.steps=2", "eval.stage_check.batch_size=8",
 )
 
 
@@ -63,11 +64,10 @@ def _fields(instance) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(dataclasses.asdict(instance))
 
 
-def _sampler(steps: int, guidance: float, image_guidance: float, batch_size: int):
-  """Sampling settings; guidance 0 = no CFG (distilled students)."""
-  return ml_collections.ConfigDict(dict(steps=steps, guidance=guidance,
-                                        image_guidance=image_guidance, batch_size=batch_size,
-                                        seed=0))
+def _sampler(steps: int, guidance: float, image_guidance: float) -> ml_collections.ConfigDict:
+  """A `sampler` section (`SamplerConfig`); guidance 0 = no CFG (distilled students),
+  image_guidance 0 = text CFG only."""
+  return _fields(SamplerConfig(steps, guidance, image_guidance))
 
 
 def _unet_stage(parent: str, steps: int, lr: float, edit_weight: float, *,
@@ -162,12 +162,13 @@ def get_config() -> ml_collections.ConfigDict:
       objective=dict(
           # The 4-step schedule the CFG-free pipeline runs at 32px (mu from 16 latent tokens).
           student_timesteps=_student_timesteps(size, vae.downsample_factor), student_sampler="euler", fake_updates=1,
-          guidance_scale=3.5, image_guidance_scale=1.0, dmd_weight=1.0, sigma_min=0.02,
-          # DMD plus the regression onto teacher ODE pairs (16 guided teacher steps per pool
-          # row, sampled once before training): DMD alone scores about half of DMD +
-          # regression, and 16 steps x 256 pairs matches 20 x 512 (docs/results.md).
-          sigma_max=0.98, regression_weight=1.0, regression_steps=16, gan_weight=0.0,
-          gan_disc_weight=1.0, gan_hidden=64),
+          # The guided teacher: its guidance is the real score's, its steps the regression
+          # targets'. DMD plus the regression onto teacher ODE pairs (16 guided teacher steps
+          # per pool row, sampled once before training): DMD alone scores about half of
+          # DMD + regression, and 16 steps x 256 pairs matches 20 x 512 (docs/results.md).
+          teacher=_sampler(steps=16, guidance=3.5, image_guidance=1.0),
+          dmd_weight=1.0, sigma_min=0.02, sigma_max=0.98, regression_weight=1.0,
+          gan_weight=0.0, gan_disc_weight=1.0, gan_hidden=64),
       fake_lr=1e-4,
       # Student lr: the best of 5e-5, 2e-4, 4e-4 and 8e-4 on 192 T2I prompts (docs/results.md).
       train=train_defaults.train_config(
@@ -175,8 +176,9 @@ def get_config() -> ml_collections.ConfigDict:
           weight_decay=0.0, grad_clip=10.0, b1=0.0, b2=0.999, ema_decay=0.95, log_every=10,
           checkpoint_every=50, keep_checkpoints=1, async_checkpoints=True),
       data=dict(size=size, pool_size=256, edit_fraction=0.5, seed=0),
-      eval=dict(size=size, per_category=16, per_type=4, teacher_steps=20, guidance=3.5,
-                image_guidance=1.0, use_ema=True, seed=0, batch_size=48)))
+      eval=dict(size=size, per_category=16, per_type=4,
+                teacher=_sampler(steps=20, guidance=3.5, image_guidance=1.0),
+                use_ema=True, seed=0, batch_size=48)))
 
   config.eval = ml_collections.ConfigDict()
   config.eval.kind = "eval"
@@ -184,13 +186,16 @@ def get_config() -> ml_collections.ConfigDict:
   config.eval.use_ema = True
   config.eval.per_category = 16
   config.eval.per_type = 8
-  # The deployed sampler: the distilled student, 4 Euler steps, no guidance.
-  config.eval.sampler = _sampler(steps=4, guidance=0.0, image_guidance=0.0, batch_size=48)
+  # The deployed sampler: the distilled student, 4 Euler steps, no guidance; `batch_size`
+  # prompts per sampling call, each call from `seed`.
+  config.eval.sampler = _sampler(steps=4, guidance=0.0, image_guidance=0.0)
+  config.eval.batch_size = 48
+  config.eval.seed = 0
   # The small evaluation of every pretrain-kind stage: at its end, and every `every` U-Net
   # steps inside it (0 = only at the end) for the report's learning curve.
   config.eval.stage_check = ml_collections.ConfigDict(dict(
       enabled=True, every=0, per_category=4, per_type=2,
-      sampler=_sampler(steps=20, guidance=3.5, image_guidance=1.0, batch_size=48)))
+      sampler=_sampler(steps=20, guidance=3.5, image_guidance=1.0), batch_size=48, seed=0))
 
   # RL after SFT (dreamlite_jax/job/rl_stage.py): DiffusionNFT with the exact shapes
   # reward. Per iteration 16 prompts x 4 samples of a 10-step ODE sampler with CFG, each
@@ -207,14 +212,16 @@ def get_config() -> ml_collections.ConfigDict:
       refl=dict(t2i_threshold=0.9, edit_threshold=0.9, reward_weight=1.0, pretrain_weight=1.0,
                 num_steps=8, late_steps=3, shift_mu=0.0),
       parent="sft", use_ema=True, iterations=32, prompts_per_iteration=16, edit_fraction=0.5,
-      sample_steps=8, num_minibatches=4, checkpoint_every=20,
+      num_minibatches=4, checkpoint_every=20,
+      # The rollouts' sampler (Flow-GRPO: its SDE; DiffusionNFT: the pipeline's ODE), set for
+      # `method`: NFT's 10 steps with CFG and dual guidance. Flow-GRPO was measured with
+      # `sampler.steps=8` and `sampler.image_guidance=0.0` (text CFG only).
+      sampler=_sampler(steps=10, guidance=3.5, image_guidance=1.0),
       grpo=ml_collections.ConfigDict(dict(group_size=4, noise_level=0.7, clip_range=0.05,
-                                          adv_clip=5.0, kl_beta=0.01, guidance=3.5,
-                                          image_guidance=0.0)),
-      # DiffusionNFT (`method="nft"`): rollouts with the ODE sampler at 10 steps, G per prompt, `noise_draws`
-      # forward-process rows per sample. `sample_steps` above is Flow-GRPO's.
-      nft=ml_collections.ConfigDict(dict(group_size=4, beta=1.0, adv_clip=2.0, noise_draws=2,
-                                         sample_steps=10, guidance=3.5, image_guidance=1.0)),
+                                          adv_clip=5.0, kl_beta=0.01)),
+      # DiffusionNFT (`method="nft"`): G samples per prompt, `noise_draws` forward-process
+      # rows per sample.
+      nft=ml_collections.ConfigDict(dict(group_size=4, beta=1.0, adv_clip=2.0, noise_draws=2)),
       train=train_defaults.train_config(
           steps=60, batch_size=128, lr=3e-4, schedule="constant", warmup_steps=0,
           weight_decay=0.0, grad_clip=1.0, ema_decay=0.9, log_every=1, checkpoint_every=20,
@@ -224,7 +231,8 @@ def get_config() -> ml_collections.ConfigDict:
       # after): at 8, one prompt moved a category by 0.125.
       eval=ml_collections.ConfigDict(dict(per_category=16, per_type=4,
                                           sampler=_sampler(steps=20, guidance=3.5,
-                                                           image_guidance=1.0, batch_size=48))),
+                                                           image_guidance=1.0),
+                                          batch_size=48, seed=0)),
   ))
 
   config.convert = ml_collections.ConfigDict(dict(kind="convert", parent="distill", use_ema=True,

@@ -275,6 +275,71 @@ def test_rl_refuses_gradient_accumulation_naming_the_field_before_any_stage():
   stages.load_job_config(path, ["--config.preset=smoke", "--config.rl.train.accum_steps=1"])
 
 
+TINY = os.path.join(ROOT, "experiments", "shapes_tiny.py")
+
+
+@pytest.mark.parametrize("override, message", [
+    ("--config.rl.sampler.steps=0", "config.rl.sampler.steps = 0: must be an int >= 1"),
+    ("--config.rl.eval.sampler.guidance=-1.0", "config.rl.eval.sampler.guidance = -1.0"),
+    ("--config.eval.sampler.image_guidance=-0.5", "config.eval.sampler.image_guidance = -0.5"),
+    ("--config.eval.stage_check.sampler.steps=0", "config.eval.stage_check.sampler.steps = 0"),
+    ("--config.distill.objective.teacher.steps=0", "config.distill.objective.teacher.steps = 0"),
+    ("--config.distill.eval.teacher.guidance=-3.5", "config.distill.eval.teacher.guidance = -3.5"),
+    ("--config.eval.batch_size=0", "config.eval.batch_size = 0: must be a positive int"),
+    # The names the one sampler shape replaced are unknown fields.
+    ("--config.rl.sample_steps=4", "unknown config field: config.rl.sample_steps"),
+    ("--config.rl.nft.sample_steps=4", "unknown config field: config.rl.nft.sample_steps"),
+    ("--config.rl.grpo.guidance=3.5", "unknown config field: config.rl.grpo.guidance"),
+    ("--config.distill.eval.teacher_steps=4", "unknown config field: config.distill.eval.teacher_steps"),
+    ("--config.distill.objective.regression_steps=4",
+     "unknown config field: config.distill.objective.regression_steps"),
+    ("--config.distill.objective.guidance_scale=3.5",
+     "unknown config field: config.distill.objective.guidance_scale"),
+    ("--config.eval.sampler.batch_size=8", "unknown config field: config.eval.sampler.batch_size"),
+])
+def test_sampler_fields_are_checked_at_load_and_old_names_are_unknown(override, message):
+  with pytest.raises(ConfigError) as err:
+    stages.load_job_config(TINY, [override])
+  assert message in str(err.value)
+
+
+def test_every_sampling_section_has_the_one_sampler_shape():
+  """Every section that sets a guidance scale is a `SamplerConfig` where the schema looks for
+  one (each preset of both job configs), and a stage that runs needs its samplers."""
+  from dreamlite_jax import config as config_lib
+  from dreamlite_jax.diffusion.sampling import SAMPLER_FIELDS
+
+  def guided(node, path=""):
+    if isinstance(node, ml_collections.ConfigDict):
+      if "guidance" in node:
+        yield path
+      for key, value in node.items():
+        yield from guided(value, f"{path}.{key}" if path else key)
+
+  for path in (TINY, os.path.join(ROOT, "experiments", "dreamlite_1024.py")):
+    config = config_lib.load_config(path)
+    for preset in config.get("presets", {}).values():
+      config_lib.apply_overrides(config, preset)
+    expected = {f for f in config_schema.JOB_SAMPLERS if f in guided(config)}
+    for name in config_schema.stage_names(config):
+      expected |= {f"{name}.{f}" for f in config_schema.SAMPLERS.get(config[name].kind, ())
+                   if config_schema._has(config[name], f)}
+    found = set(guided(config))
+    assert found == expected, path
+    for field in found:
+      *parents, leaf = field.split(".")
+      node = config
+      for part in parents:
+        node = node[part]
+      assert tuple(sorted(node[leaf].keys())) == tuple(sorted(SAMPLER_FIELDS)), field
+  config = config_lib.load_config(TINY)
+  with config.rl.ignore_type():
+    del config.rl["sampler"]
+  with pytest.raises(ConfigError, match=r"config\.rl\.sampler is missing"):
+    config_schema.validate_job(config, ["rl"])
+  config_schema.validate_job(config, ["eval"])  # a job without rl does not need it
+
+
 def test_the_command_line_names_a_missing_cache_in_one_line(tmp_path):
   path = _config_file(tmp_path)
   env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.path.dirname(__file__)]),

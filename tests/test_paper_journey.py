@@ -94,7 +94,7 @@ def overrides(world) -> list[str]:
          f"--config.data.edit_cache={world['caches']['edit']}",
          "--config.data.num_threads=1", "--config.data.prefetch=2",
          "--config.mesh.fsdp=2", "--config.mesh.max_replicated_fraction=1.0",
-         "--config.samples.count=2", "--config.samples.steps=2"]
+         "--config.samples.count=2", "--config.samples.sampler.steps=2"]
   for stage in STAGES:
     out += [f"--config.{stage}.train.{k}" for k in (
         "steps=4", "batch_size=8", "warmup_steps=1", "log_every=1", "checkpoint_every=2",
@@ -104,17 +104,17 @@ def overrides(world) -> list[str]:
             f"--config.{stage}.data.resolutions=(({SIDES[0]}, 0),)"]
   out += [f"--config.pretrain_t2i.data.resolutions=(({SIDES[0]}, 0), ({SIDES[1]}, 2))",
           f"--config.rl.iterations={RL_ITERATIONS}", "--config.rl.prompts_per_iteration=2",
-          "--config.rl.sample_steps=2", "--config.rl.num_minibatches=1",
+          "--config.rl.sampler.steps=2", "--config.rl.num_minibatches=1",
           "--config.rl.checkpoint_every=1", "--config.rl.grpo.group_size=2",
           f"--config.rl.data.size={SIDES[0]}", f"--config.rl.reward.path={world['clip']}",
           "--config.rl.eval.count=2", "--config.rl.eval.sampler.steps=2",
-          "--config.rl.eval.sampler.batch_size=2",
+          "--config.rl.eval.batch_size=2",
           f"--config.distill.train.steps={DISTILL_STEPS}", "--config.distill.objective.fake_updates=1",
-          "--config.distill.objective.regression_steps=2",
+          "--config.distill.objective.teacher.steps=2",
           "--config.distill.objective.gan_hidden=16",
           f"--config.distill.objective.student_timesteps={student}",
           f"--config.distill.data.size={SIDES[0]}", "--config.distill.data.pool_size=8",
-          f"--config.distill.eval.size={SIDES[0]}", "--config.distill.eval.teacher_steps=2",
+          f"--config.distill.eval.size={SIDES[0]}", "--config.distill.eval.teacher.steps=2",
           "--config.distill.eval.batch_size=4"]
   return out
 

@@ -299,13 +299,13 @@ def test_release_checkpoint_job_stage_dir_needs_no_other_flag(tmp_path):
   assert found.kind == "run" and found.job_workdir == job
   assert found.vae_source == os.path.join(job, "vae")
   assert found.text_encoder_spec == "tiny:0" and found.text_length == 16
-  assert found.image_size == 32 and (found.steps, found.guidance) == (3, None)
+  assert found.image_size == 32 and (found.steps, found.guidance) == (3, 0.0)
   scores = eval_cli.main(["--checkpoint", student, "--suite", "shapes",
                           "--out", str(tmp_path / "eval"), "--per-category", "1",
                           "--per-type", "1"])
   assert {"t2i", "edit"} <= set(scores)
   report = (tmp_path / "eval" / "report.md").read_text()
-  assert "- steps: 3" in report and "- guidance: None" in report
+  assert "- steps: 3" in report and "- guidance: 0.0" in report
   # Without the job's records the VAE is not found, and the error says what to pass.
   os.remove(os.path.join(job, "config.json"))
   with pytest.raises(ValueError, match="--vae-checkpoint"):

@@ -1,5 +1,11 @@
 """Samplers for the packed-canvas flow model: Euler ODE with CFG, Flow-GRPO SDE, few-step.
 
+`SamplerConfig` is how a sampler is configured everywhere (every `sampler` section of
+a job config: eval, stage checks, RL rollouts and evaluation, the distillation
+teacher): steps, text guidance and image guidance, each guidance a float where 0
+means off. `guidance_scales` turns such floats into what the functions below take
+(None = off), the one place where 0 becomes None.
+
 Every sampler takes a velocity function
 `velocity_fn(canvas [B, H, 2W, C], timestep [B], cond) -> [B, H, 2W, C]`
 (`timestep` = sigma * 1000; `cond` is whatever pytree of per-example arrays the
@@ -22,17 +28,101 @@ counts (XLA:CPU spends 5-8 s on each tiny-U-Net sampler).
 """
 from __future__ import annotations
 
+import dataclasses
 import math
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, Mapping, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dreamlite_jax.config import ConfigError
 from dreamlite_jax.diffusion import flow
 from dreamlite_jax.diffusion import packing
 
 VelocityFn = Callable[[jax.Array, jax.Array, Any], jax.Array]
+
+_is_int = lambda v: isinstance(v, int) and not isinstance(v, bool)
+_is_num = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def guidance_scales(guidance: float | None, image_guidance: float | None = None
+                    ) -> tuple[float | None, float | None]:
+  """`(guidance_scale, image_guidance_scale)` as the samplers take them, None = off.
+
+  `guidance` 0 (or None) is no CFG: one conditional branch, as distilled students
+  sample; `image_guidance` 0 (or None) is text CFG with the edit source in both
+  branches; without text guidance there is no image guidance. Negative scales raise.
+  """
+  for name, value in (("guidance", guidance), ("image_guidance", image_guidance)):
+    if value is not None and value < 0:
+      raise ValueError(f"{name} must be >= 0 (0 = off), got {value}")
+  if not guidance:
+    return None, None
+  return float(guidance), float(image_guidance) if image_guidance else None
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplerConfig:
+  """A sampler's settings: the shape of every `sampler` section of a job config.
+
+  Attributes:
+    steps: Euler steps of the schedule (>= 1).
+    guidance: text CFG scale `g`; 0 = no CFG (distilled students).
+    image_guidance: edit image scale `g_img` of dual guidance
+      `u + g (v_text - v_img) + g_img (v_img - u)`; 0 = text CFG only (the source in
+      both branches). Unused without text guidance.
+  """
+  steps: int
+  guidance: float = 0.0
+  image_guidance: float = 0.0
+
+  def __post_init__(self):
+    problem = _sampler_problem(self.steps, self.guidance, self.image_guidance)
+    if problem:
+      field, what = problem
+      raise ValueError(f"SamplerConfig.{field} = {getattr(self, field)!r}: {what}")
+
+  @classmethod
+  def from_config(cls, section: Mapping[str, Any], prefix: str = "sampler") -> "SamplerConfig":
+    """The config section `section` (a ConfigDict or dict of exactly the fields) as a
+    SamplerConfig; a missing, unknown or bad field raises ConfigError naming it as
+    `<prefix>.<field>` (e.g. `config.rl.sampler.steps`)."""
+    if not hasattr(section, "keys"):
+      raise ConfigError(f"{prefix} = {section!r}: must be a section with the fields "
+                        f"{SAMPLER_FIELDS}")
+    unknown = sorted(set(section.keys()) - set(SAMPLER_FIELDS))
+    if unknown:
+      raise ConfigError(f"{prefix}.{unknown[0]}: not a field of SamplerConfig "
+                        f"(its fields: {SAMPLER_FIELDS})")
+    for field in SAMPLER_FIELDS:
+      if field not in section:
+        raise ConfigError(f"{prefix}.{field} is missing (a sampler has {SAMPLER_FIELDS})")
+    problem = _sampler_problem(*(section[f] for f in SAMPLER_FIELDS))
+    if problem:
+      field, what = problem
+      raise ConfigError(f"{prefix}.{field} = {section[field]!r}: {what}")
+    return cls(int(section["steps"]), float(section["guidance"]),
+               float(section["image_guidance"]))
+
+  @property
+  def scales(self) -> tuple[float | None, float | None]:
+    """`guidance_scales` of this sampler: (text scale, image scale), None = off."""
+    return guidance_scales(self.guidance, self.image_guidance)
+
+
+SAMPLER_FIELDS = tuple(f.name for f in dataclasses.fields(SamplerConfig))
+
+
+def _sampler_problem(steps, guidance, image_guidance) -> tuple[str, str] | None:
+  """(field, what it must be) of the first bad SamplerConfig value, or None."""
+  if not (_is_int(steps) and steps >= 1):
+    return "steps", "must be an int >= 1"
+  if not (_is_num(guidance) and guidance >= 0):
+    return "guidance", "must be a number >= 0 (0 = no CFG)"
+  if not (_is_num(image_guidance) and image_guidance >= 0):
+    return "image_guidance", "must be a number >= 0 (0 = text CFG only)"
+  return None
 
 
 def _concat_batches(trees: list[Any]) -> Any:

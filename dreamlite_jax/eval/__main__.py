@@ -19,11 +19,10 @@ import argparse
 import os
 from typing import Sequence
 
-import ml_collections
-
 from data_pipelines import shapes
 from dreamlite_jax import model_ref
 from dreamlite_jax import pipeline as pipeline_lib
+from dreamlite_jax.diffusion import sampling
 from dreamlite_jax.eval import geneval_export, imgedit_export, report
 from dreamlite_jax.eval import shapes_scoring
 
@@ -43,7 +42,8 @@ def _parser() -> argparse.ArgumentParser:
                  help="Euler steps (default: the model's: 28, a distilled student's 4)")
   p.add_argument("--guidance", type=float, default=None,
                  help="CFG scale; 0 = none (default: 3.5, none for a distilled student)")
-  p.add_argument("--image-guidance", type=float, default=1.0, help="edit image guidance")
+  p.add_argument("--image-guidance", type=float, default=1.0,
+                 help="edit image guidance; 0 = text CFG only")
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--size", type=int, default=None,
                  help="image size (default: the model's: its run or job config's data.image_size, "
@@ -67,6 +67,8 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
     parser.error("--suite imgedit needs --manifest PATH and --images DIR")
   if args.n < 1 or (args.steps is not None and args.steps < 1) or args.batch_size < 1:
     parser.error("--n, --steps and --batch-size must be >= 1")
+  if (args.guidance is not None and args.guidance < 0) or args.image_guidance < 0:
+    parser.error("--guidance and --image-guidance must be >= 0 (0 = off)")
 
 
 def run_shapes(pipe, args: argparse.Namespace, size: int) -> tuple[dict, list[str]]:
@@ -77,10 +79,9 @@ def run_shapes(pipe, args: argparse.Namespace, size: int) -> tuple[dict, list[st
       "edit": shapes.edit_eval_set("train", args.per_type, size),
       "edit_heldout": shapes.edit_eval_set("heldout", args.per_type, size),
   }
-  sampler = ml_collections.ConfigDict({
-      "batch_size": args.batch_size, "seed": args.seed, "steps": args.steps,
-      "guidance": args.guidance, "image_guidance": args.image_guidance})
-  scores = shapes_scoring.evaluate(pipe, sets, sampler, grid_dir=args.out)
+  sampler = sampling.SamplerConfig(args.steps, args.guidance, args.image_guidance)
+  scores = shapes_scoring.evaluate(pipe, sets, sampler, args.batch_size, args.seed,
+                                   grid_dir=args.out)
   return scores, [os.path.join(args.out, "t2i.png"), os.path.join(args.out, "edit.png")]
 
 
@@ -96,9 +97,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
   if args.steps is None:
     args.steps = ref.steps
   if args.guidance is None:
-    args.guidance = ref.guidance or 0.0
-  guidance = args.guidance or None
-  image_guidance = (args.image_guidance or None) if guidance else None
+    args.guidance = ref.guidance
   os.makedirs(args.out, exist_ok=True)
   grids: list[str] = []
   if args.suite == "shapes":
@@ -107,7 +106,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
   elif args.suite == "geneval":
     size = args.size or ref.image_size or 1024
     def generate(prompts, seed):
-      return pipe.generate(list(prompts), seed=seed, steps=args.steps, guidance=guidance,
+      return pipe.generate(list(prompts), seed=seed, steps=args.steps, guidance=args.guidance,
                            size=size, output="np")
     scores = geneval_export.export(args.metadata, os.path.join(args.out, "geneval"), generate,
                                    n=args.n, seed=args.seed, batch_size=args.batch_size,
@@ -116,14 +115,14 @@ def main(argv: Sequence[str] | None = None) -> dict:
     size = args.size
     def edit(images, instructions, seed):
       return pipe.edit(list(images), list(instructions), seed=seed, steps=args.steps,
-                       guidance=guidance, image_guidance=image_guidance, size=args.size,
+                       guidance=args.guidance, image_guidance=args.image_guidance, size=args.size,
                        output="np")
     summary = imgedit_export.export(args.manifest, args.images, os.path.join(args.out, "imgedit"),
                                     edit, seed=args.seed, progress=True)
     scores = {k: summary[k] for k in ("items", "edited", "skipped", "failed")}
     scores["failed_by_reason"] = summary["failed_by_reason"]
   details = {"checkpoint": args.checkpoint, "model": ref.kind, "suite": args.suite,
-             "size": size or "the sources' own", "steps": args.steps, "guidance": guidance,
+             "size": size or "the sources' own", "steps": args.steps, "guidance": args.guidance,
              "seed": args.seed}
   paths = report.write_report(args.out, scores, f"{args.suite} evaluation", grids, details)
   print(f"wrote {paths['report']}", flush=True)

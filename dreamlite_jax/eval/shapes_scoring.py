@@ -1,8 +1,9 @@
 """Shapes-world scores of a U-Net: what the job's `eval` stage and every stage's check run.
 
-`evaluate(pipe, sets, sampler)` samples the fixed evaluation sets (T2I prompts
-per GenEval-style category, edit triplets per ImgEdit-style type, held-in and
-held-out) with the pipeline and scores them exactly with `shapes_eval`.
+`evaluate(pipe, sets, sampler, batch_size, seed)` samples the fixed evaluation sets
+(T2I prompts per GenEval-style category, edit triplets per ImgEdit-style type, held-in
+and held-out) with the pipeline and a `SamplerConfig` and scores them exactly with
+`shapes_eval`.
 Scores are nested the way `scores.json` holds them:
   {"t2i": {"overall", "heldout_overall", <category>..., "heldout_<category>"...},
    "edit": {"accuracy", "heldout_accuracy", <type>..., "heldout_<type>"...}}.
@@ -19,6 +20,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from data_pipelines import shapes
+from dreamlite_jax.diffusion.sampling import SamplerConfig
 from dreamlite_jax.eval import shapes_eval
 
 _SETS: dict[tuple, dict] = {}
@@ -54,28 +56,30 @@ def _pad(items: list, size: int) -> list:
   return items + [items[-1]] * (size - len(items))
 
 
-def sample_t2i(pipe, items: list[dict], sampler: ml_collections.ConfigDict) -> np.ndarray:
-  """uint8 [N, S, S, 3] samples of the prompts (fixed batch: one compilation)."""
+def sample_t2i(pipe, items: list[dict], sampler: SamplerConfig, batch_size: int,
+               seed: int) -> np.ndarray:
+  """uint8 [N, S, S, 3] samples of the prompts, in batches of `batch_size` (the last one
+  padded: one compilation), each batch from `seed`."""
   out = []
   size = int(items[0]["metadata"]["scene"]["height"])
-  for chunk in _chunks(items, sampler.batch_size):
-    prompts = _pad([it["caption"] for it in chunk], sampler.batch_size)
-    images = pipe.generate(prompts, seed=sampler.seed, steps=sampler.steps,
-                           guidance=sampler.guidance or None, size=size, output="np")
+  for chunk in _chunks(items, batch_size):
+    prompts = _pad([it["caption"] for it in chunk], batch_size)
+    images = pipe.generate(prompts, seed=seed, steps=sampler.steps, guidance=sampler.guidance,
+                           size=size, output="np")
     out.append(images[:len(chunk)])
   return np.concatenate(out)
 
 
-def sample_edit(pipe, items: list[dict], sampler: ml_collections.ConfigDict) -> np.ndarray:
-  """uint8 [N, S, S, 3] edit results of the triplets' sources and instructions."""
+def sample_edit(pipe, items: list[dict], sampler: SamplerConfig, batch_size: int,
+                seed: int) -> np.ndarray:
+  """uint8 [N, S, S, 3] edit results of the triplets' sources and instructions (batched
+  as in `sample_t2i`)."""
   out = []
-  for chunk in _chunks(items, sampler.batch_size):
-    padded = _pad(chunk, sampler.batch_size)
-    guidance = sampler.guidance or None
+  for chunk in _chunks(items, batch_size):
+    padded = _pad(chunk, batch_size)
     images = pipe.edit([it["source"] for it in padded], [it["instruction"] for it in padded],
-                       seed=sampler.seed, steps=sampler.steps, guidance=guidance,
-                       image_guidance=(sampler.image_guidance or None) if guidance else None,
-                       output="np")
+                       seed=seed, steps=sampler.steps, guidance=sampler.guidance,
+                       image_guidance=sampler.image_guidance, output="np")
     out.append(images[:len(chunk)])
   return np.concatenate(out)
 
@@ -91,14 +95,15 @@ def nest_scores(t2i: dict[str, float], edit: dict[str, float]) -> dict[str, dict
   return {"t2i": rename(t2i, "overall"), "edit": rename(edit, "accuracy")}
 
 
-def evaluate(pipe, sets: dict[str, list[dict]], sampler: ml_collections.ConfigDict,
-             grid_dir: str | None = None, prefix: str = "") -> dict[str, Any]:
-  """Samples and scores every set; optionally writes `<prefix>t2i.png` / `<prefix>edit.png`."""
+def evaluate(pipe, sets: dict[str, list[dict]], sampler: SamplerConfig, batch_size: int,
+             seed: int, grid_dir: str | None = None, prefix: str = "") -> dict[str, Any]:
+  """Samples every set with `sampler` (`batch_size` rows per call, each call from `seed`)
+  and scores it; optionally writes `<prefix>t2i.png` / `<prefix>edit.png`."""
   t2i_items = sets["t2i"] + sets["t2i_heldout"]
-  t2i_images = sample_t2i(pipe, t2i_items, sampler)
+  t2i_images = sample_t2i(pipe, t2i_items, sampler, batch_size, seed)
   t2i = shapes_eval.score_t2i(t2i_images, [it["metadata"] for it in t2i_items])
   edit_items = sets["edit"] + sets["edit_heldout"]
-  edit_images = sample_edit(pipe, edit_items, sampler)
+  edit_images = sample_edit(pipe, edit_items, sampler, batch_size, seed)
   edit = shapes_eval.score_edit([it["source"] for it in edit_items], edit_images,
                                 [it["metadata"] for it in edit_items])
   scores = nest_scores(t2i, edit)

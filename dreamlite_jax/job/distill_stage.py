@@ -25,14 +25,16 @@ grid (`teacher_vs_student.png`: teacher row above student row) and reports their
 absolute pixel difference (`student_vs_teacher_l1`, 0-255 scale).
 
 Config section `config.distill` (see `experiments/dreamlite_1024.py`):
-  kind, parent, teacher_ema, objective (DistillConfig fields, timesteps x 1000),
+  kind, parent, teacher_ema, objective (DistillConfig fields, timesteps x 1000; its
+  `teacher` sampler's guidance is the real score's, its steps the regression targets'),
   fake_lr (the fake score's rate at the student's peak; it follows train's schedule),
   train (trainer fields), data (size, pool_size, edit_fraction, seed),
-  eval (size, per_category, per_type, teacher_steps, guidance, image_guidance,
+  eval (size, per_category, per_type, teacher (the teacher's `SamplerConfig` as scored),
   use_ema, seed, batch_size).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -47,6 +49,7 @@ from data_pipelines import shapes
 from dreamlite_jax.job import stage_data
 from dreamlite_jax.config import ConfigError
 from dreamlite_jax.diffusion import flow
+from dreamlite_jax.diffusion.sampling import SamplerConfig
 from dreamlite_jax.job.preemption import raise_if_preempted
 from dreamlite_jax.eval import shapes_eval
 from dreamlite_jax.eval import shapes_scoring
@@ -72,6 +75,9 @@ def objective_config(section: ml_collections.ConfigDict) -> distill.DistillConfi
     raise ConfigError("config.distill.objective.student_timesteps must list the student's "
                       "timesteps (sigma x 1000), e.g. [1000, 904.53, 759.51, 512.84]")
   fields["student_sigmas"] = tuple(float(t) / flow.NUM_TRAIN_TIMESTEPS for t in timesteps)
+  if "teacher" in fields:
+    fields["teacher"] = SamplerConfig.from_config(fields["teacher"],
+                                                  "config.distill.objective.teacher")
   known = set(distill.DistillConfig.__dataclass_fields__)
   unknown = sorted(set(fields) - known)
   if unknown:
@@ -176,27 +182,26 @@ def build_cached_pool(config: ml_collections.ConfigDict, pipe: Any,
 
 
 def teacher_vs_student(pipe: Any, student_params: Any, pool: dict[str, np.ndarray],
-                       eval_cfg: ml_collections.ConfigDict, student_steps: int,
+                       teacher: SamplerConfig, student_steps: int, seed: int,
                        workdir: str, count: int = 8) -> float:
-  """Samples `count` pool rows with the teacher and the student; writes their grid and
-  returns the mean absolute pixel difference (0-255)."""
+  """Samples `count` pool rows with the teacher (`teacher`) and the student (its steps,
+  no guidance) from `seed`; writes their grid and returns the mean absolute pixel
+  difference (0-255)."""
   rows = {k: v[:count] for k, v in pool.items()}
-  teacher = pipe.sample_cached(rows, steps=int(eval_cfg.teacher_steps),
-                               guidance=float(eval_cfg.guidance),
-                               image_guidance=float(eval_cfg.image_guidance),
-                               seed=int(eval_cfg.seed))
+  teacher_images = pipe.sample_cached(rows, steps=teacher.steps, guidance=teacher.guidance,
+                                      image_guidance=teacher.image_guidance, seed=seed)
   student = pipe.with_unet_params(student_params).sample_cached(
-      rows, steps=student_steps, guidance=None, seed=int(eval_cfg.seed))
+      rows, steps=student_steps, guidance=0.0, seed=seed)
   if jax.process_index() == 0:
     metrics_lib.write_grid(os.path.join(workdir, "teacher_vs_student.png"),
-                           np.concatenate([teacher, student]))
-  return float(np.abs(teacher.astype(np.float32) - student.astype(np.float32)).mean())
+                           np.concatenate([teacher_images, student]))
+  return float(np.abs(teacher_images.astype(np.float32) - student.astype(np.float32)).mean())
 
 
 def add_teacher_ode_pairs(pool: dict[str, np.ndarray], pipe: Any,
                           objective: distill.DistillConfig, seed: int, chunk: int = 64) -> None:
   """Adds the regression pairs to every pool row: `ode_noise` and `ode_target`, the
-  teacher pipeline's guided `regression_steps`-step Euler endpoint from that noise.
+  teacher pipeline's guided Euler endpoint from that noise (`objective.teacher`).
 
   Sampled once here rather than inside every training step (DMD's precomputed
   noise-image pairs): the teacher rollout would cost more than the rest of the step.
@@ -204,15 +209,17 @@ def add_teacher_ode_pairs(pool: dict[str, np.ndarray], pipe: Any,
   n = len(pool["latents"])
   noise = np.random.default_rng([seed, n]).standard_normal(pool["latents"].shape, np.float32)
   guided = objective.teacher_guided
+  teacher = objective.teacher
+  # Unguided (guidance 0, or 1 without image guidance): the conditional field, one branch.
+  guidance, image_guidance = (teacher.guidance, teacher.image_guidance) if guided else (0.0, 0.0)
   chunk = min(chunk, n)
   targets = []
   for start in range(0, n, chunk):
     rows = np.arange(start, start + chunk).clip(max=n - 1)  # one static shape: repeat the last row
     batch = {k: v[rows] for k, v in pool.items()}
     _, condition, cond, uncond = distill.batch_inputs(batch, guided)
-    x0 = pipe.denoise(jnp.asarray(noise[rows]), condition, cond, uncond, objective.regression_steps,
-                      objective.guidance_scale if guided else None,
-                      objective.image_guidance_scale if guided else None)
+    x0 = pipe.denoise(jnp.asarray(noise[rows]), condition, cond, uncond, teacher.steps,
+                      guidance, image_guidance)
     targets.append(np.asarray(x0)[:min(chunk, n - start)])
   pool["ode_noise"] = noise
   pool["ode_target"] = np.concatenate(targets)
@@ -252,8 +259,7 @@ class PoolBatches:
 # Evaluation.
 
 
-def shapes_score(pipe: Any, eval_cfg: ml_collections.ConfigDict, steps: int,
-                 guidance: float | None, image_guidance: float | None,
+def shapes_score(pipe: Any, eval_cfg: ml_collections.ConfigDict, sampler: SamplerConfig,
                  with_edit: bool) -> dict[str, Any]:
   """Shapes-world scores of one sampler: {"t2i": {...}, "edit": {...}, "overall": float}.
 
@@ -262,17 +268,16 @@ def shapes_score(pipe: Any, eval_cfg: ml_collections.ConfigDict, steps: int,
   `with_edit`) edit "overall" accuracies.
   """
   size = eval_cfg.size
-  sampler = ml_collections.ConfigDict(dict(
-      steps=steps, guidance=guidance or 0.0, image_guidance=image_guidance or 0.0,
-      batch_size=eval_cfg.batch_size, seed=eval_cfg.seed))
+  batch_size, seed = int(eval_cfg.batch_size), int(eval_cfg.seed)
   prompts = shapes.t2i_eval_prompts("train", eval_cfg.per_category, size)
-  images = shapes_scoring.sample_t2i(pipe, prompts, sampler)
+  images = shapes_scoring.sample_t2i(pipe, prompts, sampler, batch_size, seed)
   out: dict[str, Any] = {"t2i": shapes_eval.score_t2i(images, [p["metadata"] for p in prompts])}
   overall = [out["t2i"]["overall"]]
   if with_edit:
     edits = shapes.edit_eval_set("train", eval_cfg.per_type, size)
     out["edit"] = shapes_eval.score_edit([e["source"] for e in edits],
-                                         shapes_scoring.sample_edit(pipe, edits, sampler),
+                                         shapes_scoring.sample_edit(pipe, edits, sampler,
+                                                                    batch_size, seed),
                                          [e["metadata"] for e in edits])
     overall.append(out["edit"]["overall"])
   out["overall"] = float(np.mean(overall))
@@ -370,26 +375,27 @@ def run_stage(ctx: Any) -> dict:
   checkpoint = save_student(ctx.workdir, state.student, ctx.config)
 
   eval_cfg = section.eval
+  teacher_sampler = SamplerConfig.from_config(eval_cfg.teacher, f"config.{ctx.name}.eval.teacher")
   with_edit = section.data.edit_fraction > 0
   k = len(objective.student_sigmas)
   student_params = state.student.ema_params if eval_cfg.use_ema else state.student.params
   if cached:
-    l1 = teacher_vs_student(pipe, ckpt.as_numpy(student_params), pool, eval_cfg, k,
-                            ctx.workdir)
+    l1 = teacher_vs_student(pipe, ckpt.as_numpy(student_params), pool, teacher_sampler, k,
+                            int(eval_cfg.seed), ctx.workdir)
     summary = {"student_vs_teacher_l1": l1}
     if jax.process_index() == 0:
       with open(os.path.join(ctx.workdir, SCORES_FILE), "w") as f:
         json.dump({"summary": summary, "student_steps": k}, f, indent=2, sort_keys=True)
     return {"steps": step, "final_loss": metrics.get("loss"), "checkpoint": checkpoint,
             "distill": summary, "sample_grids": ["teacher_vs_student.png"]}
+  student_sampler = SamplerConfig(steps=k)  # no guidance
   scores = {
-      "teacher": shapes_score(pipe, eval_cfg, eval_cfg.teacher_steps, eval_cfg.guidance,
-                              eval_cfg.image_guidance, with_edit),
-      "teacher_naive_4step": shapes_score(pipe, eval_cfg, k, None, None, with_edit),
-      "teacher_naive_4step_cfg": shapes_score(pipe, eval_cfg, k, eval_cfg.guidance,
-                                              eval_cfg.image_guidance, with_edit),
-      "student_4step": shapes_score(pipe.with_unet_params(student_params), eval_cfg, k, None,
-                                    None, with_edit),
+      "teacher": shapes_score(pipe, eval_cfg, teacher_sampler, with_edit),
+      "teacher_naive_4step": shapes_score(pipe, eval_cfg, student_sampler, with_edit),
+      "teacher_naive_4step_cfg": shapes_score(
+          pipe, eval_cfg, dataclasses.replace(teacher_sampler, steps=k), with_edit),
+      "student_4step": shapes_score(pipe.with_unet_params(student_params), eval_cfg,
+                                    student_sampler, with_edit),
   }
   summary = {name: s["overall"] for name, s in scores.items()}
   if jax.process_index() == 0:

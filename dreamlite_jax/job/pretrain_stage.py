@@ -8,7 +8,8 @@ resolutions, steps, learning rate, dropout). On the shapes world the stage's EMA
 U-Net is scored at the end on a small shapes evaluation (`config.eval.stage_check`),
 and every `stage_check.every` steps when that is set, so the report's learning curve
 can show what every stage added; on caches the trainer writes sample
-grids of fixed cached prompts every `train.sample_every` steps (`config.samples`).
+grids of fixed cached prompts every `train.sample_every` steps (`config.samples`: count,
+seed, sampler).
 
 Section fields: kind, parent, init_from_ema, train (trainer fields), loss
 (PretrainLossConfig fields), data (t2i_weight, edit_weight; resolutions for caches).
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
+from dreamlite_jax.diffusion.sampling import SamplerConfig
 from dreamlite_jax.job import stage_data
 from dreamlite_jax.eval import shapes_scoring
 from dreamlite_jax.job.preemption import raise_if_preempted
@@ -63,6 +65,7 @@ def cached_sample_fn(ctx, section, batches):
   """The trainer's `sample_fn(params, step)`: fixed cached prompts (`config.samples`) sampled
   at the side the stage trains at that step; the same conditions every time."""
   samples = ctx.config.samples
+  sampler = SamplerConfig.from_config(samples.sampler, "config.samples.sampler")
   conditions: dict[int, dict] = {}
 
   def sample(params, step):
@@ -72,8 +75,8 @@ def cached_sample_fn(ctx, section, batches):
                                                       int(samples.count), int(samples.seed))
     c = conditions[side]
     return ctx.models.pipeline(params).sample_cached(
-        c, steps=int(samples.steps), guidance=float(samples.guidance),
-        image_guidance=float(samples.image_guidance), seed=int(samples.seed))
+        c, steps=sampler.steps, guidance=sampler.guidance,
+        image_guidance=sampler.image_guidance, seed=int(samples.seed))
 
   return sample
 
@@ -88,9 +91,10 @@ def stage_check(ctx, params, grids: bool = False) -> dict:
   the sample grids next to the stage's outputs."""
   check = ctx.config.eval.stage_check
   sets = shapes_scoring.eval_sets(ctx.config, check.per_category, check.per_type)
+  sampler = SamplerConfig.from_config(check.sampler, "config.eval.stage_check.sampler")
   return shapes_scoring.evaluate(ctx.models.pipeline(checkpoints.as_numpy(params)), sets,
-                                 check.sampler, grid_dir=ctx.workdir if grids else None,
-                                 prefix="samples_")
+                                 sampler, int(check.batch_size), int(check.seed),
+                                 grid_dir=ctx.workdir if grids else None, prefix="samples_")
 
 
 def curve_point(scores: dict) -> dict[str, float]:

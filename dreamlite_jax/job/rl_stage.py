@@ -10,7 +10,7 @@ Where prompts and rewards come from follows the job's data source:
           the job's text encoder; Flow-GRPO and DiffusionNFT are rewarded by the exact
           programmatic shapes reward (ReFL by `rl.reward`), and the stage is scored
           before/after with the exact shapes evaluator (`eval.per_category`,
-          `eval.per_type`, `eval.sampler`);
+          `eval.per_type`, `eval.sampler`, `eval.batch_size`, `eval.seed`);
   cache   (`training/rl_cached.py`) prompts from the job's embedding caches at
           `rl.data.size` (T2I and edit at `edit_fraction`; their cached text and
           null-text features and edit source latents: no text encoder runs), rewarded by
@@ -23,8 +23,8 @@ The reward loads before any rollout; an unknown or non-loadable one fails naming
 
 The stage runs through the trainer's loop (`trainer.run`): its data iterator is
 `rl_rollouts.Rollouts`. One online iteration draws `prompts_per_iteration` prompts,
-samples G results each with the current params (GRPO: SDE rollouts with per-step
-log-probs; NFT: the pipeline's ODE sampler), decodes and rewards them, takes
+samples G results each with the current params and `rl.sampler` (GRPO: SDE rollouts
+with per-step log-probs; NFT: the pipeline's ODE sampler), decodes and rewards them, takes
 group-relative advantages and `num_minibatches` train steps (GRPO: the clipped loss
 with a KL to the SFT model; NFT: the negative-aware flow-matching loss); a ReFL
 iteration is one train step on prompts_per_iteration examples. The trainer's
@@ -37,10 +37,11 @@ reference (GRPO: KL; NFT: mean squared velocity change) and a sample diversity f
 (mean per-pixel std within a prompt's group), first vs last iteration.
 
 Section fields: kind, parent, use_ema, method, iterations, prompts_per_iteration,
-edit_fraction, num_minibatches, sample_steps (GRPO), checkpoint_every, grpo (GRPOConfig
+edit_fraction, num_minibatches, checkpoint_every, sampler (the rollouts' `SamplerConfig`:
+steps, guidance, image_guidance; ReFL's schedule is `refl.num_steps`), grpo (GRPOConfig
 fields), nft (NFTConfig fields), refl (ReFLConfig fields), reward (name, path), train
-(trainer fields; steps, batch_size, checkpoint_every derived as above), eval (shapes: per_category, per_type, sampler; cache: count, sampler
-{steps, guidance, image_guidance, batch_size, seed}), data.size (cache only).
+(trainer fields; steps, batch_size, checkpoint_every derived as above), eval (sampler,
+batch_size, seed; shapes: per_category, per_type; cache: count), data.size (cache only).
 """
 from __future__ import annotations
 
@@ -53,7 +54,7 @@ import ml_collections
 from dreamlite_jax.job import stage_data
 from dreamlite_jax import config_schema
 from dreamlite_jax.config import ConfigError
-from dreamlite_jax.diffusion import flow
+from dreamlite_jax.diffusion.sampling import SamplerConfig
 from dreamlite_jax.eval import shapes_scoring
 from dreamlite_jax.job.preemption import raise_if_preempted
 from dreamlite_jax.rewards.registry import make_reward
@@ -114,8 +115,8 @@ def prompt_stream(config: ml_collections.ConfigDict, section: ml_collections.Con
                                         keep_prompts=True)
 
 
-def _check_rows(name: str, section, method: str, grpo, nft, shards: int,
-                processes: int) -> tuple[int, int]:
+def _check_rows(name: str, section, method: str, grpo, nft, sampler: SamplerConfig,
+                shards: int, processes: int) -> tuple[int, int]:
   """An iteration's prompts split over the processes; its update rows split into
   num_minibatches minibatches (ReFL: one step on prompts_per_iteration rows), each a
   multiple of the mesh's data shards. Returns (rows per iteration, updates per iteration)."""
@@ -129,8 +130,8 @@ def _check_rows(name: str, section, method: str, grpo, nft, shards: int,
     rows = prompts * nft.group_size * nft.noise_draws
     what = "prompts_per_iteration * nft.group_size * nft.noise_draws"
   else:
-    rows = prompts * grpo.group_size * int(section.sample_steps)
-    what = "prompts_per_iteration * grpo.group_size * sample_steps"
+    rows = prompts * grpo.group_size * sampler.steps
+    what = "prompts_per_iteration * grpo.group_size * sampler.steps"
   if rows % minibatches:
     raise ConfigError(f"config.{name}: {what} = {rows} is not divisible by num_minibatches")
   if (rows // minibatches) % shards:
@@ -181,9 +182,12 @@ def run_stage(ctx) -> dict:
   size = int(section.data.size) if cached else models.image_size
   grpo = rl_grpo.GRPOConfig(**section.grpo.to_dict())
   nft = rl_nft.NFTConfig(**(section.nft.to_dict() if "nft" in section else {}))
+  sampler = SamplerConfig.from_config(section.sampler, f"config.{name}.sampler")
+  eval_sampler = SamplerConfig.from_config(section.eval.sampler, f"config.{name}.eval.sampler")
+  eval_batch, eval_seed = int(section.eval.batch_size), int(section.eval.seed)
   group, prompts = grpo.group_size, int(section.prompts_per_iteration)
   mesh = mesh_lib.make_mesh(ctx.config.mesh)
-  rows, updates = _check_rows(name, section, method, grpo, nft,
+  rows, updates = _check_rows(name, section, method, grpo, nft, sampler,
                               mesh.shape["data"] * mesh.shape["fsdp"], jax.process_count())
   reward = load_reward(name, section, method, cached)
   config = _trainer_config(ctx.stage_config(), section, rows // updates, updates)
@@ -202,8 +206,8 @@ def run_stage(ctx) -> dict:
     next_items = lambda it: rl_cached.items(next(stream))
 
     def evaluate(params, grid: str) -> dict:
-      scores = rl_cached.reward_scores(models.pipeline(params), held, section.eval.sampler,
-                                       reward, conditioner)
+      scores = rl_cached.reward_scores(models.pipeline(params), held, eval_sampler, eval_batch,
+                                       eval_seed, reward, conditioner)
       images = scores.pop("images")
       if is_main:
         metrics_lib.write_grid(os.path.join(ctx.workdir, grid), images)
@@ -215,7 +219,7 @@ def run_stage(ctx) -> dict:
     next_items = lambda it: rl_shapes.draw_prompts(it, prompts, float(section.edit_fraction),
                                                    size, PROMPT_SEED + ctx.config.seed)
     evaluate = lambda params, grid: shapes_scoring.evaluate(
-        models.pipeline(params), sets, section.eval.sampler,
+        models.pipeline(params), sets, eval_sampler, eval_batch, eval_seed,
         grid_dir=ctx.workdir if grid == "samples.png" and is_main else None, prefix="samples_")
 
   if method == "refl":
@@ -227,12 +231,12 @@ def run_stage(ctx) -> dict:
   elif method == "nft":
     loss_fn = rl_nft.make_nft_loss(predict, nft)
     rows_fn = rl_rollouts.nft_rows(models.pipeline, rl_nft.make_velocity(predict), conditioner,
-                                   reward, reference, nft, config.seed)
+                                   reward, reference, nft, sampler, config.seed)
   else:
-    loss_fn = rl_grpo.make_grpo_loss(predict, grpo)
-    rows_fn = rl_rollouts.grpo_rows(rl_grpo.make_rollout(predict, grpo), conditioner, reward,
-                                    reference, flow.sampling_sigmas(int(section.sample_steps), 0.0),
-                                    group, config.seed)
+    loss_fn = rl_grpo.make_grpo_loss(predict, grpo, sampler)
+    rows_fn = rl_rollouts.grpo_rows(rl_grpo.make_rollout(predict, grpo, sampler), conditioner,
+                                    reward, reference, rl_grpo.rollout_sigmas(sampler), group,
+                                    config.seed)
   data = rl_rollouts.Rollouts(rows_fn, next_items, updates, config.seed, stream)
 
   latent = size // models.vae_config.downsample_factor

@@ -47,6 +47,7 @@ from jax.sharding import Mesh
 
 from dreamlite_jax.diffusion import flow
 from dreamlite_jax.diffusion import packing
+from dreamlite_jax.diffusion import sampling
 from dreamlite_jax.training import mesh as mesh_lib
 from dreamlite_jax.training import state as state_lib
 from dreamlite_jax.training import step as step_lib
@@ -65,13 +66,14 @@ class DistillConfig:
   student_sigmas: tuple[float, ...]  # student schedule, decreasing, without the final 0
   student_sampler: str = "euler"  # how the student moves between its steps (see few_step_sample)
   fake_updates: int = 5  # fake-score updates per student update (two time scales)
-  guidance_scale: float = 3.5  # real-score text CFG
-  image_guidance_scale: float | None = None  # dual guidance (edit); T2I rows reduce to text CFG
+  # The guided teacher: its guidance and image_guidance (0 = off; dual guidance for edits,
+  # which T2I rows reduce to text CFG) are the real score's, its steps the Euler steps of
+  # the regression targets.
+  teacher: sampling.SamplerConfig = sampling.SamplerConfig(steps=28, guidance=3.5)
   dmd_weight: float = 1.0
   sigma_min: float = 0.02  # range of the DMD noise level t
   sigma_max: float = 0.98
   regression_weight: float = 0.0  # 0 = off
-  regression_steps: int = 28  # teacher Euler steps of the regression targets
   gan_weight: float = 0.0  # student's non-saturating GAN loss weight; 0 = no GAN head
   gan_disc_weight: float = 1.0  # classifier loss weight inside the fake-score update
   gan_hidden: int = 64
@@ -91,8 +93,6 @@ class DistillConfig:
     for name in ("dmd_weight", "regression_weight", "gan_weight", "gan_disc_weight"):
       if getattr(self, name) < 0:
         raise ValueError(f"distill.{name} must be >= 0, got {getattr(self, name)}")
-    if self.regression_steps < 1:
-      raise ValueError(f"distill.regression_steps must be >= 1, got {self.regression_steps}")
 
   @property
   def uses_gan(self) -> bool:
@@ -100,8 +100,10 @@ class DistillConfig:
 
   @property
   def teacher_guided(self) -> bool:
-    """Whether the real score needs the unconditional branch (and batches `null_text`)."""
-    return self.guidance_scale != 1.0 or self.image_guidance_scale is not None
+    """Whether the real score needs the unconditional branch (and batches `null_text`):
+    not without guidance, nor at text guidance 1 without image guidance."""
+    g, g_img = self.teacher.scales
+    return g is not None and (g != 1.0 or g_img is not None)
 
   @property
   def schedule(self) -> jax.Array:
@@ -201,12 +203,15 @@ def _col(sigma: jax.Array) -> jax.Array:
 
 def guided_teacher_velocity(fn: PredictFn, params: Any, x: jax.Array, sigma: jax.Array,
                             condition: jax.Array, cond: dict, uncond: dict | None,
-                            guidance_scale: float, image_guidance_scale: float | None) -> jax.Array:
+                            guidance_scale: float | None,
+                            image_guidance_scale: float | None) -> jax.Array:
   """`sampling.guided_velocity` with a per-example `sigma` [B]; returns [B, H, W, C].
 
-  Guidance 1 without image guidance is the plain conditional field (one branch).
+  Scales as `sampling.guidance_scales` returns them (None = off). No guidance, and
+  guidance 1 without image guidance, are the plain conditional field (one branch).
   """
-  if uncond is None or (guidance_scale == 1.0 and image_guidance_scale is None):
+  if uncond is None or guidance_scale is None or (guidance_scale == 1.0
+                                                  and image_guidance_scale is None):
     return packing.target_velocity(fn, params, x, sigma, condition, cond)
   b = x.shape[0]
   if image_guidance_scale is None:
@@ -296,7 +301,7 @@ def dmd_loss(models: DistillModels, teacher_params: Any, fake_params: Any, x0: j
   x0_sg = jax.lax.stop_gradient(x0)
   x_t = flow.add_noise(x0_sg, jax.random.normal(k_e, x0.shape, jnp.float32), t)
   v_real = guided_teacher_velocity(models.teacher, teacher_params, x_t, t, condition, cond, uncond,
-                                   config.guidance_scale, config.image_guidance_scale)
+                                   *config.teacher.scales)
   v_fake = packing.target_velocity(models.predict_fn, fake_params, x_t, t, condition, cond)
   pred_real = x_t - _col(t) * v_real
   pred_fake = x_t - _col(t) * v_fake

@@ -12,6 +12,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dreamlite_jax.diffusion.sampling import SamplerConfig
+
 
 def items(batch: dict) -> list[dict]:
   """The rows of a cached-conditions batch as RL prompt items: {"text", "metadata" and
@@ -60,19 +62,17 @@ class CachedConditioner:
     return np.stack([it["target_latents"] for it in items])
 
 
-def reward_scores(pipe, batch: dict, sampler, reward, conditioner: CachedConditioner) -> dict:
-  """{"reward": mean reward, "images"} of a fixed cached set sampled with `sampler`
-  (steps, guidance, image_guidance, batch_size, seed) by `pipe` in chunks of
-  batch_size; chunk k starts from seed + k * batch_size, so the noise of every row is
-  fixed and the same before and after training."""
+def reward_scores(pipe, batch: dict, sampler: SamplerConfig, batch_size: int, seed: int,
+                  reward, conditioner: CachedConditioner) -> dict:
+  """{"reward": mean reward, "images"} of a fixed cached set sampled with `sampler` by
+  `pipe` in chunks of `batch_size`; the chunk at row k starts from seed + k, so the noise
+  of every row is fixed and the same before and after training."""
   images = []
-  n, size = len(batch["prompt"]), int(sampler.batch_size)
-  for start in range(0, n, size):
-    rows = {k: v[start:start + size] for k, v in batch.items() if k != "prompt"}
-    images.append(pipe.sample_cached(rows, steps=int(sampler.steps),
-                                     guidance=float(sampler.guidance),
-                                     image_guidance=float(sampler.image_guidance),
-                                     seed=int(sampler.seed) + start))
+  n = len(batch["prompt"])
+  for start in range(0, n, batch_size):
+    rows = {k: v[start:start + batch_size] for k, v in batch.items() if k != "prompt"}
+    images.append(pipe.sample_cached(rows, steps=sampler.steps, guidance=sampler.guidance,
+                                     image_guidance=sampler.image_guidance, seed=seed + start))
   images = np.concatenate(images)
   rewards = np.asarray(reward(images, [str(p) for p in batch["prompt"]],
                               conditioner.sources(batch)))

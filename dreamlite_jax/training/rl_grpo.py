@@ -3,9 +3,10 @@
 The policy is the SDE sampler of `diffusion/sampling.py`: each denoising step is
 a Gaussian `x' ~ N(mean_theta(x, s), std_s^2)`, so a trajectory has a
 log-probability. One RL iteration:
-  1. `rollout`: G samples per prompt with the current params (SDE, optional CFG),
-     recording every step's latents and log-probs, plus the reference model's
-     step means (for the KL term) on the same trajectory;
+  1. `rollout`: G samples per prompt with the current params (SDE along
+     `rollout_sigmas(sampler)`, with the `SamplerConfig`'s guidance), recording every
+     step's latents and log-probs, plus the reference model's step means (for the KL
+     term) on the same trajectory;
   2. rewards of the decoded images (any `rewards` function, e.g. the exact shapes
      reward) -> `group_advantages` (reward minus the mean of its prompt's group,
      over the group's std);
@@ -40,8 +41,6 @@ class GRPOConfig:
   clip_range: float = 0.05     # PPO ratio clip epsilon (log-probs are per-element means)
   adv_clip: float = 5.0        # advantages are clipped to [-adv_clip, adv_clip]
   kl_beta: float = 0.04        # weight of the KL to the reference model
-  guidance: float = 0.0        # text CFG scale during rollouts and training (0 = off)
-  image_guidance: float = 0.0  # dual-guidance image scale for edits (0 = text CFG only)
 
   def __post_init__(self):
     if self.group_size < 2:
@@ -82,15 +81,15 @@ def _velocity_fn(predict_fn: PredictFn, params: Any):
   return velocity
 
 
-def _guidance(config: GRPOConfig):
-  g = config.guidance or None
-  g_img = (config.image_guidance or None) if g is not None else None
-  return g, g_img
+def rollout_sigmas(sampler: sampling.SamplerConfig) -> np.ndarray:
+  """The rollouts' schedule [steps + 1]: `sampler.steps` unshifted steps from 1 to 0."""
+  return flow.sampling_sigmas(sampler.steps, 0.0)
 
 
-def transition_step(predict_fn: PredictFn, params: Any, batch: dict, config: GRPOConfig
-                    ) -> sampling.SDEStep:
-  """Scores the stored transitions `x -> x_next` under `params`.
+def transition_step(predict_fn: PredictFn, params: Any, batch: dict, config: GRPOConfig,
+                    sampler: sampling.SamplerConfig) -> sampling.SDEStep:
+  """Scores the stored transitions `x -> x_next` under `params`, with the guidance of
+  `sampler` (the rollouts').
 
   batch rows: x, x_next, condition [N, h, w, C]; sigma, sigma_next, sigma_max [N];
   cond = {text, text_mask, time_ids} (+ uncond of the same shapes with CFG).
@@ -101,7 +100,7 @@ def transition_step(predict_fn: PredictFn, params: Any, batch: dict, config: GRP
   uncond = batch.get("uncond")
   if uncond is not None:
     uncond = dict(uncond, timestep=cond["timestep"])
-  g, g_img = _guidance(config)
+  g, g_img = sampler.scales
   if g is None:
     uncond = None
   v = sampling.guided_velocity(_velocity_fn(predict_fn, params), batch["x"], batch["condition"],
@@ -116,16 +115,17 @@ def transition_step(predict_fn: PredictFn, params: Any, batch: dict, config: GRP
   return sampling.SDEStep(out.prev_sample[:, 0], out.log_prob[:, 0], out.mean[:, 0], out.std)
 
 
-def make_grpo_loss(predict_fn: PredictFn, config: GRPOConfig
+def make_grpo_loss(predict_fn: PredictFn, config: GRPOConfig, sampler: sampling.SamplerConfig
                    ) -> Callable[[Any, dict, jax.Array], tuple[jax.Array, dict]]:
-  """`loss_fn(params, batch, rng) -> (loss, metrics)` for the shared train step.
+  """`loss_fn(params, batch, rng) -> (loss, metrics)` for the shared train step; `sampler`
+  is the rollouts' (its guidance is the policy's).
 
   batch: the transition rows of `transition_step` plus old_log_prob [N],
   advantage [N] and ref_mean [N, h, w, C].
   """
   def loss_fn(params, batch, rng):
     del rng
-    out = transition_step(predict_fn, params, batch, config)
+    out = transition_step(predict_fn, params, batch, config, sampler)
     adv = jnp.clip(batch["advantage"], -config.adv_clip, config.adv_clip)
     ratio = jnp.exp(out.log_prob - batch["old_log_prob"])
     unclipped = -adv * ratio
@@ -143,15 +143,18 @@ def make_grpo_loss(predict_fn: PredictFn, config: GRPOConfig
   return loss_fn
 
 
-def make_rollout(predict_fn: PredictFn, config: GRPOConfig) -> Callable:
-  """Jitted `rollout(params, ref_params, noise, condition, sigmas, cond, uncond, rng)`.
+def make_rollout(predict_fn: PredictFn, config: GRPOConfig,
+                 sampler: sampling.SamplerConfig) -> Callable:
+  """Jitted `rollout(params, ref_params, noise, condition, sigmas, cond, uncond, rng)`,
+  guided as `sampler` says.
 
   Args (leading axis B = prompts * G): noise, condition [B, h, w, C]; sigmas
-  [T + 1]; cond/uncond {text, text_mask, time_ids} (uncond None without CFG).
+  [T + 1] (`rollout_sigmas(sampler)`); cond/uncond {text, text_mask, time_ids} (uncond
+  unused without CFG, may be None).
   Returns dict: latents [B, h, w, C] (final), x, x_next [T, B, h, w, C],
   log_prob [T, B], ref_mean [T, B, h, w, C].
   """
-  g, g_img = _guidance(config)
+  g, g_img = sampler.scales
 
   def rollout(params, ref_params, noise, condition, sigmas, cond, uncond, rng):
     traj = sampling.sde_sample(
@@ -162,7 +165,7 @@ def make_rollout(predict_fn: PredictFn, config: GRPOConfig) -> Callable:
 
     def ref_mean(t):
       rows = transition_rows(traj.trajectory, condition, sigmas, cond, uncond, t, b)
-      return transition_step(predict_fn, ref_params, rows, config).mean
+      return transition_step(predict_fn, ref_params, rows, config, sampler).mean
 
     ref = jax.lax.map(ref_mean, jnp.arange(steps))
     return {"latents": traj.latents, "x": traj.trajectory[:-1], "x_next": traj.trajectory[1:],

@@ -9,7 +9,8 @@ the rollouts may use any sampler (here the teacher's many-step ODE with CFG).
 
 One iteration (`rl_stage.py` drives it):
   1. sample G results per prompt with the current params (the sampling policy,
-     velocity `v_old`), reward them, and turn the group-relative advantages
+     velocity `v_old`; the pipeline's ODE sampler with the RL stage's `SamplerConfig`),
+     reward them, and turn the group-relative advantages
      into an optimality probability `r = 0.5 + 0.5 clip(adv / adv_clip, -1, 1)`;
   2. noise each clean sample on the forward process, `x_t = (1 - s) x0 + s eps`
      (one (s, eps) per prompt and draw), and record `v_old(x_t)` (`training_rows`);
@@ -46,9 +47,6 @@ class NFTConfig:
   beta: float = 1.0            # step of the implicit policies v+- around v_old
   adv_clip: float = 2.0        # advantages are clipped to +-adv_clip, then mapped to r in [0, 1]
   noise_draws: int = 2         # forward-process noisings (training rows) per sample
-  sample_steps: int = 10       # rollout sampler: Euler ODE steps (the pipeline's schedule)
-  guidance: float = 3.5        # rollout text CFG (0 = none)
-  image_guidance: float = 1.0  # rollout image guidance for edits (dual guidance)
 
   def __post_init__(self):
     if self.group_size < 2:
@@ -57,9 +55,8 @@ class NFTConfig:
     if self.beta <= 0 or self.adv_clip <= 0:
       raise ValueError(f"NFTConfig.beta and adv_clip must be > 0, got {self.beta}, "
                        f"{self.adv_clip}")
-    if self.noise_draws < 1 or self.sample_steps < 1:
-      raise ValueError(f"NFTConfig.noise_draws and sample_steps must be >= 1, got "
-                       f"{self.noise_draws}, {self.sample_steps}")
+    if self.noise_draws < 1:
+      raise ValueError(f"NFTConfig.noise_draws must be >= 1, got {self.noise_draws}")
 
 
 def optimality(advantages: np.ndarray, adv_clip: float) -> np.ndarray:

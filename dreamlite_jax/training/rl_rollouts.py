@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dreamlite_jax.diffusion import sampling
 from dreamlite_jax.training import mesh as mesh_lib
 from dreamlite_jax.training import rl_grpo
 from dreamlite_jax.training import rl_nft
@@ -75,20 +76,19 @@ def grpo_rows(rollout: Callable, conditioner: Any, reward: Any, reference: Any,
 
 
 def nft_rows(pipeline: Callable, velocity: Callable, conditioner: Any, reward: Any,
-             reference: Any, nft: rl_nft.NFTConfig, seed: int) -> RowsFn:
-  """DiffusionNFT: ODE samples of the policy, rewards, optimality probabilities,
-  `noise_draws` forward-process rows per sample."""
+             reference: Any, nft: rl_nft.NFTConfig, sampler: sampling.SamplerConfig,
+             seed: int) -> RowsFn:
+  """DiffusionNFT: ODE samples of the policy (the pipeline's, with `sampler`), rewards,
+  optimality probabilities, `noise_draws` forward-process rows per sample."""
   group = nft.group_size
-  guided = nft.guidance > 0
 
   def rows(state, items, prompts, it):
     condition, cond, uncond, sources = conditioner(items, group)
     params = mesh_lib.to_host(state.params)
     noise = iteration_noise(seed, it, prompts * group, condition.shape[1:])
     latents = np.asarray(pipeline(params).denoise(
-        jnp.asarray(noise), jnp.asarray(condition), cond, uncond if guided else None,
-        nft.sample_steps, nft.guidance if guided else None,
-        (nft.image_guidance or None) if guided else None))
+        jnp.asarray(noise), jnp.asarray(condition), cond, uncond, sampler.steps,
+        sampler.guidance, sampler.image_guidance))
     images = conditioner.decode(latents)
     rewards = np.asarray(reward(images, _metas(items, group), sources))
     r = rl_nft.optimality(rl_grpo.group_advantages(rewards, group), nft.adv_clip)

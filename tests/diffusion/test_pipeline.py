@@ -50,6 +50,9 @@ def test_generate_is_deterministic_and_seed_dependent():
   # No guidance (distilled checkpoints) is a different, still deterministic, sampler.
   free = pipe.generate(prompts[0], seed=0, output="latent", guidance=None, **KW)
   assert np.abs(free - alone).max() > 1e-4
+  # Guidance 0 is no CFG too (the config convention), not the unconditional branch alone.
+  np.testing.assert_array_equal(
+      pipe.generate(prompts[0], seed=0, output="latent", guidance=0.0, **KW), free)
   # Any step count runs through the same compiled sampler of its guidance mode.
   compiled = pipe._denoise._cache_size()
   three = pipe.generate(prompts[0], seed=0, output="latent", steps=3, size=SIZE)

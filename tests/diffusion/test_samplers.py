@@ -7,9 +7,11 @@ import numpy as np
 import pytest
 from scipy import stats
 
+from dreamlite_jax.config import ConfigError
 from dreamlite_jax.diffusion import flow
 from dreamlite_jax.diffusion import packing
 from dreamlite_jax.diffusion import sampling
+from dreamlite_jax.diffusion.sampling import SamplerConfig
 
 WEIGHTS = np.array([0.3, 0.7])
 MEANS = np.array([[-2.0, 0.5], [1.5, -1.0]])
@@ -234,3 +236,35 @@ def test_few_step_sampler():
   got = few(z, key)
   np.testing.assert_allclose(got, manual(z), atol=1e-5)
   assert not np.allclose(got, few(z, jax.random.PRNGKey(7)), atol=1e-3)
+
+
+def test_sampler_config_zero_guidance_is_off():
+  assert SamplerConfig(4).scales == (None, None)
+  assert SamplerConfig(20, 3.5).scales == (3.5, None)           # text CFG
+  assert SamplerConfig(20, 3.5, 1.0).scales == (3.5, 1.0)       # dual guidance
+  assert SamplerConfig(4, 0.0, 1.0).scales == (None, None)      # no image guidance alone
+  assert sampling.guidance_scales(None, 1.0) == (None, None)    # None still means off
+  with pytest.raises(ValueError, match="guidance must be >= 0"):
+    sampling.guidance_scales(-1.0)
+  with pytest.raises(ValueError, match=r"SamplerConfig\.steps = 0: must be an int >= 1"):
+    SamplerConfig(0)
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("steps", 0, "config.rl.sampler.steps = 0: must be an int >= 1"),
+    ("steps", 2.5, "config.rl.sampler.steps = 2.5: must be an int >= 1"),
+    ("guidance", -1.0, "config.rl.sampler.guidance = -1.0: must be a number >= 0"),
+    ("image_guidance", -0.5, "config.rl.sampler.image_guidance = -0.5: must be a number >= 0"),
+    ("image_guidance", None, "config.rl.sampler.image_guidance is missing"),
+    ("batch_size", 8, "config.rl.sampler.batch_size: not a field of SamplerConfig"),
+])
+def test_sampler_config_from_config_names_the_bad_field(field, value, message):
+  section = dict(steps=2, guidance=3.5, image_guidance=1.0)
+  assert SamplerConfig.from_config(section, "config.rl.sampler") == SamplerConfig(2, 3.5, 1.0)
+  if value is None:
+    del section[field]
+  else:
+    section[field] = value
+  with pytest.raises(ConfigError) as err:
+    SamplerConfig.from_config(section, "config.rl.sampler")
+  assert str(err.value).startswith(message)

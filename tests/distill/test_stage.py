@@ -18,6 +18,7 @@ from dreamlite_jax import pipeline as pipeline_lib
 from dreamlite_jax.job import stages
 from dreamlite_jax.config import ConfigError
 from dreamlite_jax.diffusion import flow
+from dreamlite_jax.diffusion.sampling import SamplerConfig
 from dreamlite_jax.models.qwen3_vl import Qwen3VLConfig
 from dreamlite_jax.models.text_conditioning import TextEncoder
 from dreamlite_jax.training import checkpoints as ckpt
@@ -55,12 +56,14 @@ def _teacher_checkpoint(workdir: str, unet, hid: int) -> None:
 def _config(timesteps) -> ml_collections.ConfigDict:
   section = dreamlite_1024_distill.distill_section()
   section.objective.update(student_timesteps=timesteps, fake_updates=2, regression_weight=0.5,
-                           regression_steps=3, gan_weight=0.1, gan_hidden=8)
+                           gan_weight=0.1, gan_hidden=8)
+  section.objective.teacher.steps = 3
   section.train = train_defaults.train_config(steps=2, batch_size=8, lr=1e-4, warmup_steps=0,
                                               log_every=1, checkpoint_every=1,
                                               async_checkpoints=False, progress_bar=False)
   section.data.update(size=SIZE, pool_size=6, edit_fraction=0.5)
-  section.eval.update(size=SIZE, per_category=1, per_type=1, teacher_steps=3, batch_size=16)
+  section.eval.update(size=SIZE, per_category=1, per_type=1, batch_size=16)
+  section.eval.teacher.steps = 3
   config = ml_collections.ConfigDict()
   config.seed = 0
   config.data = ml_collections.ConfigDict(dict(source="shapes"))
@@ -107,9 +110,10 @@ def test_stage_writes_student_and_four_scores(tmp_path, parts):
   assert pool["ode_noise"].shape == pool["ode_target"].shape == pool["latents"].shape
   first = {k: v[:1] for k, v in pool.items()}
   _, condition, cond, uncond = distill.batch_inputs(first, objective.teacher_guided)
+  teacher_sampler = objective.teacher
   again = pipe.denoise(jnp.asarray(first["ode_noise"]), condition, cond, uncond,
-                       objective.regression_steps, objective.guidance_scale,
-                       objective.image_guidance_scale)
+                       teacher_sampler.steps, teacher_sampler.guidance,
+                       teacher_sampler.image_guidance)
   np.testing.assert_allclose(pool["ode_target"][:1], np.asarray(again), atol=1e-5)
   assert not np.allclose(pool["ode_target"], pool["ode_noise"])
   result = distill_stage.train_student(ctx, pipe, objective, teacher, pool)
@@ -129,7 +133,7 @@ def test_schedule_must_match_the_deployed_sampler(tmp_path, parts):
 def test_regression_needs_the_ode_pairs_in_the_batch(parts):
   """A batch without `ode_noise`/`ode_target` is refused by name, not silently unregressed."""
   objective = distill.DistillConfig(student_sigmas=(1.0, 0.5), regression_weight=1.0,
-                                    guidance_scale=1.0)
+                                    teacher=SamplerConfig(steps=2))
   models = distill.DistillModels(predict_fn=lambda p, c, t, k: c * p)
   batch = {"latents": jnp.zeros((2, 4, 4, 4)), "text": jnp.zeros((2, 3, 8)),
            "text_mask": jnp.ones((2, 3))}
@@ -139,7 +143,7 @@ def test_regression_needs_the_ode_pairs_in_the_batch(parts):
     distill.student_loss(models, jnp.zeros((2, 4, 4, 4)), 1.0, {"score": 1.0}, batch, objective,
                          jax.random.PRNGKey(0))
   # Without the regression the student draws fresh noise and needs no pairs.
-  objective = distill.DistillConfig(student_sigmas=(1.0, 0.5), guidance_scale=1.0)
+  objective = distill.DistillConfig(student_sigmas=(1.0, 0.5), teacher=SamplerConfig(steps=2))
   assert distill.student_noise(batch, objective) is None
 
 

@@ -16,6 +16,7 @@ import pytest
 
 from dreamlite_jax.diffusion import flow
 from dreamlite_jax.diffusion import sampling
+from dreamlite_jax.diffusion.sampling import SamplerConfig
 from dreamlite_jax.training import distill
 from dreamlite_jax.training import mesh as mesh_lib
 
@@ -63,7 +64,8 @@ def test_two_step_student_matches_the_mixture(teacher_mlp, eval_set):
   schedule = STUDENT_SIGMAS + (0.0,)
   before = toy.sliced_wasserstein(_sample(toy.mlp_predict, teacher_mlp, schedule, eval_set), target)
 
-  config = distill.DistillConfig(student_sigmas=STUDENT_SIGMAS, guidance_scale=1.0,
+  config = distill.DistillConfig(student_sigmas=STUDENT_SIGMAS,
+                                 teacher=SamplerConfig(steps=28),  # unguided teacher
                                  fake_updates=5)
   models = distill.DistillModels(predict_fn=toy.mlp_predict, teacher_fn=toy.teacher_predict)
   mesh = mesh_lib.make_mesh(ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1)))

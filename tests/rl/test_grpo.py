@@ -7,6 +7,7 @@ from scipy import stats
 
 from data_pipelines import shapes
 from dreamlite_jax.diffusion import flow, sampling
+from dreamlite_jax.diffusion.sampling import SamplerConfig
 from dreamlite_jax.rewards.shapes_programmatic import ShapesReward
 from dreamlite_jax.training import mesh as mesh_lib
 from dreamlite_jax.training import rl_grpo
@@ -44,20 +45,23 @@ def _cond(b):
 
 
 def test_rollout_log_probs_match_rescoring_and_reference_means():
-  config = rl_grpo.GRPOConfig(group_size=2, guidance=2.0)
+  config = rl_grpo.GRPOConfig(group_size=2)
+  sampler = SamplerConfig(steps=3, guidance=2.0)
   params = {"m": jnp.full((4,), 0.3)}
   ref = {"m": jnp.full((4,), -0.2)}
-  b, sigmas = 4, jnp.asarray(flow.sampling_sigmas(3, 0.0))
+  b, sigmas = 4, jnp.asarray(rl_grpo.rollout_sigmas(sampler))
   noise = jax.random.normal(jax.random.PRNGKey(0), (b, 2, 2, 4))
   condition = jnp.zeros_like(noise)
-  rollout = rl_grpo.make_rollout(_toy_predict, config)
+  rollout = rl_grpo.make_rollout(_toy_predict, config, sampler)
   out = rollout(params, ref, noise, condition, sigmas, _cond(b), _cond(b), jax.random.PRNGKey(1))
   rows = rl_grpo.flatten_rollout(out, np.asarray(condition), np.asarray(sigmas),
                                  jax.tree.map(np.asarray, _cond(b)),
                                  jax.tree.map(np.asarray, _cond(b)), np.zeros(b, np.float32))
-  again = rl_grpo.transition_step(_toy_predict, params, jax.tree.map(jnp.asarray, rows), config)
+  again = rl_grpo.transition_step(_toy_predict, params, jax.tree.map(jnp.asarray, rows), config,
+                                  sampler)
   np.testing.assert_allclose(np.asarray(again.log_prob), rows["old_log_prob"], atol=1e-5)
-  with_ref = rl_grpo.transition_step(_toy_predict, ref, jax.tree.map(jnp.asarray, rows), config)
+  with_ref = rl_grpo.transition_step(_toy_predict, ref, jax.tree.map(jnp.asarray, rows), config,
+                                     sampler)
   np.testing.assert_allclose(np.asarray(with_ref.mean), rows["ref_mean"], atol=1e-5)
   assert not np.allclose(rows["ref_mean"], np.asarray(again.mean))
 
@@ -76,15 +80,16 @@ def test_group_advantages_normalise_each_group():
 
 def test_clipped_ratio_stops_the_gradient():
   config = rl_grpo.GRPOConfig(group_size=2, clip_range=0.1, kl_beta=0.0)
+  sampler = SamplerConfig(steps=2)  # no CFG
   params = {"m": jnp.full((4,), 0.3)}
-  b, sigmas = 2, jnp.asarray(flow.sampling_sigmas(2, 0.0))
+  b, sigmas = 2, jnp.asarray(rl_grpo.rollout_sigmas(sampler))
   noise = jax.random.normal(jax.random.PRNGKey(0), (b, 2, 2, 4))
-  out = rl_grpo.make_rollout(_toy_predict, config)(params, params, noise, jnp.zeros_like(noise),
-                                                   sigmas, _cond(b), None, jax.random.PRNGKey(2))
+  out = rl_grpo.make_rollout(_toy_predict, config, sampler)(
+      params, params, noise, jnp.zeros_like(noise), sigmas, _cond(b), None, jax.random.PRNGKey(2))
   rows = rl_grpo.flatten_rollout(out, np.zeros(noise.shape, np.float32), np.asarray(sigmas),
                                  jax.tree.map(np.asarray, _cond(b)), None,
                                  np.array([1.0, -1.0], np.float32))
-  loss_fn = rl_grpo.make_grpo_loss(_toy_predict, config)
+  loss_fn = rl_grpo.make_grpo_loss(_toy_predict, config, sampler)
   batch = jax.tree.map(jnp.asarray, rows)
   grad = jax.grad(lambda p: loss_fn(p, batch, None)[0])(params)
   assert float(jnp.abs(grad["m"]).sum()) > 0  # on-policy: ratio 1, inside the clip
@@ -113,6 +118,7 @@ def test_grpo_run_raises_the_programmatic_shapes_reward():
   meta = dict(prompt["metadata"])
   meta["spec"] = {"include": [{"shape": "square", "count": 1, "color": "red"}], "exclude": []}
   config = rl_grpo.GRPOConfig(group_size=8, noise_level=1.0, kl_beta=0.0, clip_range=0.2)
+  sampler = SamplerConfig(steps=4)  # no CFG
   train = train_defaults.train_config(lr=0.15, warmup_steps=0, schedule="constant",
                                       weight_decay=0.0, ema_decay=0.0)
   mesh = mesh_lib.make_mesh(train_defaults.mesh_config())
@@ -120,13 +126,13 @@ def test_grpo_run_raises_the_programmatic_shapes_reward():
   init = lambda rng: {"m": jnp.zeros((4,))}
   _, shardings = state_lib.state_shardings(init, tx, mesh)
   state = state_lib.create_state(init, tx, mesh, 0)
-  jitted_step = step_lib.make_train_step(rl_grpo.make_grpo_loss(_toy_predict, config), tx, mesh,
-                                         shardings, ema_decay=0.0)
+  jitted_step = step_lib.make_train_step(rl_grpo.make_grpo_loss(_toy_predict, config, sampler),
+                                         tx, mesh, shardings, ema_decay=0.0)
   step_fn = lambda state, batch, rng: jitted_step(state, batch, rng, np.float32(train.lr))
-  rollout = rl_grpo.make_rollout(_toy_predict, config)
+  rollout = rl_grpo.make_rollout(_toy_predict, config, sampler)
   ref = jax.device_get(state.params)
   reward = ShapesReward()
-  b, sigmas = 16, flow.sampling_sigmas(4, 0.0)
+  b, sigmas = 16, rl_grpo.rollout_sigmas(sampler)
   cond = jax.tree.map(np.asarray, _cond(b))
   rng = mesh_lib.replicated(mesh)
   key = jax.device_put(jax.random.PRNGKey(0), rng)

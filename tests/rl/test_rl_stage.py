@@ -66,14 +66,16 @@ def world(tmp_path_factory):
 
 def _ctx(world, tmp_path, method="nft", **reward) -> stages.StageContext:
   section = dreamlite_1024.rl_section()
-  section.update(method=method, iterations=2, prompts_per_iteration=2, sample_steps=2,
+  section.update(method=method, iterations=2, prompts_per_iteration=2,
                  num_minibatches=1, checkpoint_every=1)
   section.grpo.group_size = 2
-  section.nft.update(group_size=2, noise_draws=2, sample_steps=2)
+  section.nft.update(group_size=2, noise_draws=2)
+  # The preset's sampler is Flow-GRPO's; DiffusionNFT's uses dual guidance.
+  section.sampler.update(steps=2, image_guidance=1.0 if method == "nft" else 0.0)
   section.data.size = SIZE
   section.reward.update({"path": world["clip"], **reward})
-  section.eval.update(count=4, sampler=dict(steps=2, guidance=3.5, image_guidance=1.0,
-                                             batch_size=4, seed=0))
+  section.eval.update(count=4, batch_size=4, seed=0,
+                      sampler=dict(steps=2, guidance=3.5, image_guidance=1.0))
   section.train = train_defaults.train_config(steps=4, batch_size=8, lr=1e-3, warmup_steps=0,
                                               ema_decay=0.0, log_every=1, checkpoint_every=1,
                                               async_checkpoints=False, progress_bar=False)

@@ -109,6 +109,11 @@ def test_task_mix_and_progressive_resolution_are_fields(paths):
     ("--config.pretrain_joint.train.batch_sise=8", "config.pretrain_joint.train.batch_sise"),
     ("--config.data.t2i_cache=/no/such/dir", "config.data.t2i_cache"),
     ("--config.model.vae_checkpoint=/no/such/vae", "config.model.vae_checkpoint"),
+    ("--config.rl.sampler.steps=0", "config.rl.sampler.steps = 0: must be an int >= 1"),
+    ("--config.samples.sampler.guidance=-1.0", "config.samples.sampler.guidance = -1.0"),
+    ("--config.distill.objective.teacher.image_guidance=-1.0",
+     "config.distill.objective.teacher.image_guidance = -1.0"),
+    ("--config.rl.sample_steps=10", "unknown config field: config.rl.sample_steps"),
 ])
 def test_bad_field_fails_at_load_with_its_full_path(paths, override, field):
   with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
