@@ -14,6 +14,7 @@ from __future__ import annotations
 import ast
 import dataclasses
 import importlib.util
+import inspect
 import os
 from typing import Any, Iterable, Sequence, TypeVar
 
@@ -25,7 +26,11 @@ class ConfigError(ValueError):
 
 
 def load_config_file(path: str, arg: str | None = None) -> ml_collections.ConfigDict:
-  """Imports `path` and returns its `get_config(arg)` (or `get_config()`)."""
+  """Imports `path` and returns its `get_config(arg)` (or `get_config()`).
+
+  `arg` is big_vision's config argument: a preset name (`experiments/shapes_tiny.py`
+  has "smoke" and "long"); a file whose `get_config` takes none has no presets.
+  """
   if not os.path.isfile(path):
     raise ConfigError(f"config file not found: {path}")
   name = "dreamlite_config_" + os.path.splitext(os.path.basename(path))[0]
@@ -34,7 +39,12 @@ def load_config_file(path: str, arg: str | None = None) -> ml_collections.Config
   spec.loader.exec_module(module)
   if not hasattr(module, "get_config"):
     raise ConfigError(f"{path} defines no get_config()")
-  return module.get_config(arg) if arg is not None else module.get_config()
+  if arg is None:
+    return module.get_config()
+  if not inspect.signature(module.get_config).parameters:
+    raise ConfigError(f"config.preset = {arg!r}: {path} has no presets (its get_config() "
+                      f"takes no argument)")
+  return module.get_config(arg)
 
 
 def _parse_value(field: str, text: str, current):
@@ -104,9 +114,17 @@ def require(config: ml_collections.ConfigDict, field: str, check, what: str,
     raise ConfigError(f"{prefix}.{field} = {node!r}: {what}")
 
 
+def preset_of(overrides: Sequence[str]) -> str | None:
+  """The preset an override list names (`--config.preset=NAME`, the last one wins)."""
+  named = [o.split("=", 1)[1] for o in overrides
+           if o.lstrip("-").startswith("config.preset=")]
+  return named[-1] if named else None
+
+
 def load_config(path: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
-  """Loads a config file and applies overrides (no validation: see the module docstring)."""
-  config = load_config_file(path)
+  """Loads a config file at the preset the overrides name (`preset_of`), then applies the
+  overrides (no validation: see the module docstring)."""
+  config = load_config_file(path, preset_of(overrides))
   apply_overrides(config, overrides)
   return config
 

@@ -3,6 +3,8 @@
   python -m dreamlite_jax.main --config experiments/shapes_tiny.py --workdir runs/demo
   python -m dreamlite_jax.main --config experiments/shapes_tiny.py --workdir runs/smoke \
       --config.preset=smoke          # every stage in about a minute (CI)
+  python -m dreamlite_jax.main --config experiments/shapes_tiny.py --workdir runs/long \
+      --config.preset=long           # every stage several times longer (about an hour)
 
 Same code paths as the paper configs, at CPU scale: the DreamLite U-Net class
 (tiny widths, MQA, qk-norm, separable ResBlocks), the Qwen3 text-encoder class
@@ -24,6 +26,7 @@ import dataclasses
 
 import ml_collections
 
+from dreamlite_jax.config import ConfigError
 from dreamlite_jax.diffusion import flow
 from dreamlite_jax.diffusion.sampling import SamplerConfig
 from dreamlite_jax.models.unet import UNetConfig
@@ -32,32 +35,23 @@ from experiments import train_defaults
 
 STAGES = "vae,pretrain_t2i,pretrain_edit,pretrain_joint,sft,rl,distill,eval,convert"
 
-# `--config.preset=smoke`: the overrides applied on top of the defaults (user
-# overrides still win), sized so every stage runs in about a minute.
-_UNET_STAGES = ("pretrain_t2i", "pretrain_edit", "pretrain_joint", "sft")
-SMOKE = (
-    "data.num_t2i=96", "data.num_edit=96",
-    # A smaller U-Net of the same class (2 levels, 1 layer each): compiles much faster.
-    "model.unet.block_out_channels=(32, 32)", "model.unet.heads=(1, 1)",
-    "model.unet.down_kinds=('cross', 'full')", "model.unet.up_kinds=('full', 'none')",
-    "model.unet.transformer_depth=(1, 1)", "model.unet.layers_per_block=1",
-    "vae.train.steps=6", "vae.train.batch_size=8", "vae.train.warmup_steps=2",
-    "vae.data.crop_size=16",
-    *[f"{s}.{field}" for s in _UNET_STAGES for field in (
-        "train.steps=4", "train.batch_size=8", "train.warmup_steps=1")],
-    "rl.iterations=1", "rl.prompts_per_iteration=2", "rl.sampler.steps=2", "rl.num_minibatches=1",
-    "rl.grpo.group_size=2", "rl.nft.group_size=2", "rl.nft.noise_draws=2",
-    "rl.eval.per_category=1", "rl.eval.per_type=1",
-    "rl.eval.sampler.steps=2", "rl.eval.batch_size=8",
-    "distill.train.steps=2", "distill.train.batch_size=8", "distill.train.warmup_steps=1",
-    "distill.objective.fake_updates=1",
-    "distill.objective.teacher.steps=2", "distill.data.pool_size=8",
-    "distill.eval.per_category=1", "distill.eval.per_type=1", "distill.eval.teacher.steps=2",
-    "distill.eval.batch_size=8",
-    "eval.per_category=1", "eval.per_type=1", "eval.batch_size=8",
-    "eval.stage_check.per_category=1", "eval.stage_check.per_type=1",
-    "eval.stage_check.sampler.steps=2", "eval.stage_check.batch_size=8",
-)
+# `--config.preset=NAME` (big_vision's config argument; user overrides still win):
+#   default  the README's job: about 20 minutes on 2 idle cores;
+#   smoke    every stage in about a minute (CI): a 2-level U-Net, a few steps each;
+#   long     every stage several times longer, for about an hour on 2 cores, with a
+#            stage check every 500 U-Net steps for the learning curve.
+PRESETS = ("default", "smoke", "long")
+
+
+def _picker(preset: str):
+  """`pick(default, smoke=, long=)`: the value of this preset (long defaults to default)."""
+  if preset not in PRESETS:
+    raise ConfigError(f"config.preset = {preset!r}: unknown; known presets: {list(PRESETS)}")
+
+  def pick(default, smoke, long=None):
+    return {"default": default, "smoke": smoke, "long": default if long is None else long}[preset]
+
+  return pick
 
 
 def _fields(instance) -> ml_collections.ConfigDict:
@@ -70,8 +64,8 @@ def _sampler(steps: int, guidance: float, image_guidance: float) -> ml_collectio
   return _fields(SamplerConfig(steps, guidance, image_guidance))
 
 
-def _unet_stage(parent: str, steps: int, lr: float, edit_weight: float, *,
-                warmup: int = 100, schedule: str = "cosine", init_from_ema: bool = False
+def _unet_stage(parent: str, steps: int, lr: float, edit_weight: float, *, batch_size: int,
+                warmup: int, schedule: str = "cosine", init_from_ema: bool = False
                 ) -> ml_collections.ConfigDict:
   """One U-Net stage. Everything but the data mix and the learning-rate schedule is the
   same in all four, so they compile to one train-step program (the learning rate is a
@@ -85,12 +79,15 @@ def _unet_stage(parent: str, steps: int, lr: float, edit_weight: float, *,
   section.parent = parent
   section.init_from_ema = init_from_ema
   section.train = train_defaults.train_config(
-      steps=steps, batch_size=16, lr=lr, schedule=schedule, warmup_steps=warmup,
+      steps=steps, batch_size=batch_size, lr=lr, schedule=schedule, warmup_steps=warmup,
       end_lr_ratio=0.1, weight_decay=0.0, grad_clip=1.0, ema_decay=0.995, log_every=25,
       checkpoint_every=500, keep_checkpoints=1, async_checkpoints=True)
+  # Edit rows train at higher noise (edit_logit_mean 1.5): from the T2I checkpoint, 600
+  # edit steps reach an edit stage check of 0.18 against 0.05 at the T2I rows' 0.0
+  # (0.14 at 1.0, 0.12 at 2.5; docs/results.md, "Editing").
   section.loss = ml_collections.ConfigDict(dict(
-      timestep_sampling="logit_normal", logit_mean=0.0, logit_std=1.0, shift_mu=None,
-      text_dropout=0.1, image_dropout=0.05))
+      timestep_sampling="logit_normal", logit_mean=0.0, logit_std=1.0, edit_logit_mean=1.5,
+      shift_mu=None, text_dropout=0.1, image_dropout=0.05))
   # Mixing proportions of T2I and edit examples in every batch.
   section.data = ml_collections.ConfigDict(dict(t2i_weight=1.0 - edit_weight,
                                                 edit_weight=edit_weight))
@@ -102,15 +99,19 @@ def _student_timesteps(size: int, vae_scale: int) -> tuple[float, ...]:
   return tuple(round(float(t), 2) for t in flow.timesteps_from_sigmas(sigmas))
 
 
-def get_config() -> ml_collections.ConfigDict:
+def get_config(preset: str = "default") -> ml_collections.ConfigDict:
+  pick = _picker(preset)
   config = ml_collections.ConfigDict()
-  config.preset = "default"
-  config.presets = ml_collections.ConfigDict(dict(smoke=SMOKE))
+  config.preset = preset
   config.stages = STAGES
   config.seed = 0
 
   config.model = ml_collections.ConfigDict()
-  config.model.unet = _fields(UNetConfig.tiny(encoder_hid_dim=64))
+  unet = UNetConfig.tiny(encoder_hid_dim=64)
+  # smoke: a smaller U-Net of the same class (2 levels, 1 layer each) compiles much faster.
+  config.model.unet = _fields(pick(unet, smoke=dataclasses.replace(
+      unet, block_out_channels=(32, 32), heads=(1, 1), down_kinds=("cross", "full"),
+      up_kinds=("full", "none"), transformer_depth=(1, 1), layers_per_block=1)))
   vae = VAEConfig.tiny(downsample_factor=4)
   config.model.vae = _fields(vae)
   # How the edit source enters the U-Net: "spatial" = DreamLite's [target | source]
@@ -124,78 +125,90 @@ def get_config() -> ml_collections.ConfigDict:
 
   # The job's data source: the shapes world, rendered once per job (`training/shapes_data.py`).
   config.data = ml_collections.ConfigDict(dict(
-      source="shapes", image_size=32, num_t2i=6000, num_edit=6000, seed=0))
+      source="shapes", image_size=32, num_t2i=pick(6000, smoke=96),
+      num_edit=pick(6000, smoke=96), seed=0))
   config.mesh = train_defaults.mesh_config(data=-1, fsdp=1, tensor=1, max_replicated_fraction=1.0)
 
   config.vae = ml_collections.ConfigDict()
   config.vae.kind = "vae"
   config.vae.parent = ""
   config.vae.train = train_defaults.train_config(
-      steps=1200, batch_size=32, lr=3e-3, schedule="cosine", warmup_steps=50, end_lr_ratio=0.05,
+      steps=pick(1200, smoke=6), batch_size=pick(32, smoke=8), lr=3e-3, schedule="cosine",
+      warmup_steps=pick(50, smoke=2), end_lr_ratio=0.05,
       weight_decay=0.0, grad_clip=1.0, ema_decay=0.9, log_every=25, checkpoint_every=500,
       keep_checkpoints=1, async_checkpoints=True)
   # Whole images (crop_size 0): the objects are 11.5-14 px of the 32, and 16x16 crops
   # (half the cost) cut most of them. Measured with a lighter gray background, the edit
   # ceiling was 0.92 with whole images against 0.81-0.84 with crops (docs/results.md,
   # "The VAE and the edit ceiling").
-  config.vae.data = ml_collections.ConfigDict(dict(crop_size=0))
+  config.vae.data = ml_collections.ConfigDict(dict(crop_size=pick(0, smoke=16)))
   # Objects weigh 1 + 4 against the plain background (vae_stage.py explains why).
   config.vae.loss = ml_collections.ConfigDict(dict(l1_weight=1.0, mse_weight=1.0,
                                                    moment_weight=0.1, foreground_weight=4.0))
 
   # Image dropout only touches edit rows, so it is a no-op in pretrain_t2i.
-  config.pretrain_t2i = _unet_stage("vae", steps=1400, lr=2e-3, edit_weight=0.0, warmup=200)
+  unet_batch = pick(16, smoke=8)
+  warmup = lambda steps: pick(steps, smoke=1)
+  config.pretrain_t2i = _unet_stage("vae", steps=pick(1200, smoke=4, long=6000), lr=2e-3,
+                                    edit_weight=0.0, batch_size=unet_batch, warmup=warmup(200))
   config.pretrain_t2i.parent = ""  # the U-Net starts from scratch; the VAE is shared
-  # Editing gets 400 edit-only steps: no edit stage length inside the 20 minutes teaches
-  # the tiny U-Net to copy the source (a copy task alone needs ~1,500 steps; docs/results.md),
-  # and RL iterations raise the T2I score the most per second.
-  config.pretrain_edit = _unet_stage("pretrain_t2i", steps=400, lr=1e-3, edit_weight=1.0,
-                                     warmup=60)
-  config.pretrain_joint = _unet_stage("pretrain_edit", steps=400, lr=1e-3, edit_weight=0.5,
-                                      warmup=50)
-  config.sft = _unet_stage("pretrain_joint", steps=200, lr=3e-4, edit_weight=0.5,
-                           warmup=20, schedule="constant", init_from_ema=True)
+  # Editing needs many more steps than the 20 minutes hold: copying the source across
+  # the canvas is learned slowly (docs/results.md, "Editing"); RL iterations raise the T2I
+  # score the most per second.
+  config.pretrain_edit = _unet_stage("pretrain_t2i", steps=pick(600, smoke=4, long=4000),
+                                     lr=1e-3, edit_weight=1.0, batch_size=unet_batch,
+                                     warmup=warmup(60))
+  config.pretrain_joint = _unet_stage("pretrain_edit", steps=pick(400, smoke=4, long=2000),
+                                      lr=1e-3, edit_weight=0.5, batch_size=unet_batch,
+                                      warmup=warmup(50))
+  config.sft = _unet_stage("pretrain_joint", steps=pick(200, smoke=4, long=600), lr=3e-4,
+                           edit_weight=0.5, batch_size=unet_batch, warmup=warmup(20),
+                           schedule="constant", init_from_ema=True)
 
   size = config.data.image_size
   config.distill = ml_collections.ConfigDict(dict(
       kind="distill", parent="rl", teacher_ema=True,
       objective=dict(
           # The 4-step schedule the CFG-free pipeline runs at 32px (mu from 16 latent tokens).
-          student_timesteps=_student_timesteps(size, vae.downsample_factor), student_sampler="euler", fake_updates=1,
+          student_timesteps=_student_timesteps(size, vae.downsample_factor),
+          student_sampler="euler", fake_updates=1,
           # The guided teacher: its guidance is the real score's, its steps the regression
           # targets'. DMD plus the regression onto teacher ODE pairs (16 guided teacher steps
           # per pool row, sampled once before training): DMD alone scores about half of
           # DMD + regression, and 16 steps x 256 pairs matches 20 x 512 (docs/results.md).
-          teacher=_sampler(steps=16, guidance=3.5, image_guidance=1.0),
+          teacher=_sampler(steps=pick(16, smoke=2), guidance=3.5, image_guidance=1.0),
           dmd_weight=1.0, sigma_min=0.02, sigma_max=0.98, regression_weight=1.0,
           gan_weight=0.0, gan_disc_weight=1.0, gan_hidden=64),
       fake_lr=1e-4,
       # Student lr: the best of 5e-5, 2e-4, 4e-4 and 8e-4 on 192 T2I prompts (docs/results.md).
       train=train_defaults.train_config(
-          steps=80, batch_size=16, lr=4e-4, schedule="constant", warmup_steps=10,
+          steps=pick(80, smoke=2, long=300), batch_size=pick(16, smoke=8), lr=4e-4,
+          schedule="constant", warmup_steps=pick(10, smoke=1),
           weight_decay=0.0, grad_clip=10.0, b1=0.0, b2=0.999, ema_decay=0.95, log_every=10,
           checkpoint_every=50, keep_checkpoints=1, async_checkpoints=True),
-      data=dict(size=size, pool_size=256, edit_fraction=0.5, seed=0),
-      eval=dict(size=size, per_category=16, per_type=4,
-                teacher=_sampler(steps=20, guidance=3.5, image_guidance=1.0),
-                use_ema=True, seed=0, batch_size=48)))
+      data=dict(size=size, pool_size=pick(256, smoke=8, long=512), edit_fraction=0.5, seed=0),
+      eval=dict(size=size, per_category=pick(16, smoke=1), per_type=pick(4, smoke=1),
+                teacher=_sampler(steps=pick(20, smoke=2), guidance=3.5, image_guidance=1.0),
+                use_ema=True, seed=0, batch_size=pick(48, smoke=8))))
 
   config.eval = ml_collections.ConfigDict()
   config.eval.kind = "eval"
   config.eval.parent = "distill"
   config.eval.use_ema = True
-  config.eval.per_category = 16
-  config.eval.per_type = 8
+  config.eval.per_category = pick(16, smoke=1)
+  config.eval.per_type = pick(8, smoke=1)
   # The deployed sampler: the distilled student, 4 Euler steps, no guidance; `batch_size`
   # prompts per sampling call, each call from `seed`.
   config.eval.sampler = _sampler(steps=4, guidance=0.0, image_guidance=0.0)
-  config.eval.batch_size = 48
+  config.eval.batch_size = pick(48, smoke=8)
   config.eval.seed = 0
   # The small evaluation of every pretrain-kind stage: at its end, and every `every` U-Net
   # steps inside it (0 = only at the end) for the report's learning curve.
   config.eval.stage_check = ml_collections.ConfigDict(dict(
-      enabled=True, every=0, per_category=4, per_type=2,
-      sampler=_sampler(steps=20, guidance=3.5, image_guidance=1.0), batch_size=48, seed=0))
+      enabled=True, every=pick(0, smoke=0, long=500), per_category=pick(4, smoke=1),
+      per_type=pick(2, smoke=1, long=4),
+      sampler=_sampler(steps=pick(20, smoke=2), guidance=3.5, image_guidance=1.0),
+      batch_size=pick(48, smoke=8), seed=0))
 
   # RL after SFT (dreamlite_jax/job/rl_stage.py): DiffusionNFT with the exact shapes
   # reward. Per iteration 16 prompts x 4 samples of a 10-step ODE sampler with CFG, each
@@ -211,17 +224,20 @@ def get_config() -> ml_collections.ConfigDict:
       method="nft", reward=dict(name="learned_shapes", path=""),
       refl=dict(t2i_threshold=0.9, edit_threshold=0.9, reward_weight=1.0, pretrain_weight=1.0,
                 num_steps=8, late_steps=3, shift_mu=0.0),
-      parent="sft", use_ema=True, iterations=32, prompts_per_iteration=16, edit_fraction=0.5,
-      num_minibatches=4, checkpoint_every=20,
+      parent="sft", use_ema=True, iterations=pick(32, smoke=1, long=96),
+      prompts_per_iteration=pick(16, smoke=2), edit_fraction=0.5,
+      num_minibatches=pick(4, smoke=1), checkpoint_every=20,
       # The rollouts' sampler (Flow-GRPO: its SDE; DiffusionNFT: the pipeline's ODE), set for
       # `method`: NFT's 10 steps with CFG and dual guidance. Flow-GRPO was measured with
       # `sampler.steps=8` and `sampler.image_guidance=0.0` (text CFG only).
-      sampler=_sampler(steps=10, guidance=3.5, image_guidance=1.0),
-      grpo=ml_collections.ConfigDict(dict(group_size=4, noise_level=0.7, clip_range=0.05,
+      sampler=_sampler(steps=pick(10, smoke=2), guidance=3.5, image_guidance=1.0),
+      grpo=ml_collections.ConfigDict(dict(group_size=pick(4, smoke=2), noise_level=0.7,
+                                          clip_range=0.05,
                                           adv_clip=5.0, kl_beta=0.01)),
       # DiffusionNFT (`method="nft"`): G samples per prompt, `noise_draws` forward-process
       # rows per sample.
-      nft=ml_collections.ConfigDict(dict(group_size=4, beta=1.0, adv_clip=2.0, noise_draws=2)),
+      nft=ml_collections.ConfigDict(dict(group_size=pick(4, smoke=2), beta=1.0, adv_clip=2.0,
+                                         noise_draws=2)),
       train=train_defaults.train_config(
           steps=60, batch_size=128, lr=3e-4, schedule="constant", warmup_steps=0,
           weight_decay=0.0, grad_clip=1.0, ema_decay=0.9, log_every=1, checkpoint_every=20,
@@ -229,10 +245,11 @@ def get_config() -> ml_collections.ConfigDict:
       # Scored with the teacher's sampler: RL tunes the model distillation starts from.
       # 16 prompts per category (96 held-in, 96 held-out T2I, the same noise before and
       # after): at 8, one prompt moved a category by 0.125.
-      eval=ml_collections.ConfigDict(dict(per_category=16, per_type=4,
-                                          sampler=_sampler(steps=20, guidance=3.5,
-                                                           image_guidance=1.0),
-                                          batch_size=48, seed=0)),
+      eval=ml_collections.ConfigDict(dict(per_category=pick(16, smoke=1),
+                                          per_type=pick(4, smoke=1),
+                                          sampler=_sampler(steps=pick(20, smoke=2),
+                                                           guidance=3.5, image_guidance=1.0),
+                                          batch_size=pick(48, smoke=8), seed=0)),
   ))
 
   config.convert = ml_collections.ConfigDict(dict(kind="convert", parent="distill", use_ema=True,

@@ -316,16 +316,15 @@ def test_every_sampling_section_has_the_one_sampler_shape():
       for key, value in node.items():
         yield from guided(value, f"{path}.{key}" if path else key)
 
-  for path in (TINY, os.path.join(ROOT, "experiments", "dreamlite_1024.py")):
-    config = config_lib.load_config(path)
-    for preset in config.get("presets", {}).values():
-      config_lib.apply_overrides(config, preset)
+  variants = [(TINY, [f"--config.preset={p}"]) for p in ("default", "smoke", "long")]
+  for path, overrides in variants + [(os.path.join(ROOT, "experiments", "dreamlite_1024.py"), [])]:
+    config = config_lib.load_config(path, overrides)
     expected = {f for f in config_schema.JOB_SAMPLERS if f in guided(config)}
     for name in config_schema.stage_names(config):
       expected |= {f"{name}.{f}" for f in config_schema.SAMPLERS.get(config[name].kind, ())
                    if config_schema._has(config[name], f)}
     found = set(guided(config))
-    assert found == expected, path
+    assert found == expected, (path, overrides)
     for field in found:
       *parents, leaf = field.split(".")
       node = config

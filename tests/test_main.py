@@ -28,10 +28,11 @@ def smoke_job(tmp_path_factory):
 
 
 def _finite_leaves(tree, path=""):
-  for key, value in tree.items():
-    if isinstance(value, dict):
+  items = tree.items() if isinstance(tree, dict) else enumerate(tree)
+  for key, value in items:
+    if isinstance(value, (dict, list)):
       yield from _finite_leaves(value, f"{path}{key}.")
-    elif value is not None:
+    elif value is not None and not isinstance(value, str):
       yield f"{path}{key}", value
 
 
@@ -104,8 +105,17 @@ def test_unknown_stage_and_missing_parent_fail_loudly(tmp_path):
     stages.parse_stages(config, "vae,pretrain_everything")
   with pytest.raises(ConfigError, match="pretrain_joint"):
     stages.run_job(config, str(tmp_path), stages="sft")
-  with pytest.raises(ConfigError, match="unknown; known presets"):
+  with pytest.raises(ConfigError, match=r"config.preset = 'huge': unknown; known presets: "
+                                        r"\['default', 'smoke', 'long'\]"):
     stages.load_job_config(CONFIG, ["--config.preset=huge"])
+  paper = os.path.join(os.path.dirname(CONFIG), "dreamlite_1024.py")
+  with pytest.raises(ConfigError, match="has no presets"):
+    stages.load_job_config(paper, ["--config.preset=smoke"])
+  # Every preset is a valid job; a user override of a field the preset sets wins.
+  for preset in ("default", "smoke", "long"):
+    config = stages.load_job_config(CONFIG, [f"--config.preset={preset}",
+                                             "--config.pretrain_edit.train.steps=7"])
+    assert config.preset == preset and config.pretrain_edit.train.steps == 7
 
 
 def test_changed_config_of_a_finished_stage_stops_the_job_before_running(smoke_job):

@@ -422,22 +422,11 @@ def run_job(config: ml_collections.ConfigDict, workdir: str, stages: str | None 
 
 def load_job_config(path: str, overrides: list[str] | tuple[str, ...] = (),
                     stages: str | None = None) -> ml_collections.ConfigDict:
-  """Loads and validates a job config: defaults, then `config.presets[preset]`, then the
-  user's overrides; then `validate_job_config` for the stages to run (`stages`, as
+  """Loads and validates a job config: the file's `get_config(preset)` (`--config.preset=NAME`
+  among the overrides picks it), then the user's overrides, so an override of a field the
+  preset also sets wins; then `validate_job_config` for the stages to run (`stages`, as
   `--stages` selects them, else `config.stages`).
-
-  The preset is read from the overrides (`--config.preset=smoke`) so a user
-  override of a field the preset also sets still wins.
   """
   config = config_lib.load_config(path, overrides)
-  preset = config.get("preset", "default")
-  if preset != "default":
-    presets = config.get("presets") or {}
-    if preset not in presets:
-      raise ConfigError(f"config.preset = {preset!r}: unknown; known presets: "
-                        f"{['default'] + sorted(presets)}")
-    config = config_lib.load_config_file(path)
-    config_lib.apply_overrides(config, presets[preset])
-    config_lib.apply_overrides(config, overrides)
   validate_job_config(config, parse_stages(config, stages))
   return config
