@@ -114,8 +114,8 @@ def test_unknown_stage_and_missing_parent_fail_loudly(tmp_path):
   # Every preset is a valid job; a user override of a field the preset sets wins.
   for preset in ("default", "smoke", "long"):
     config = stages.load_job_config(CONFIG, [f"--config.preset={preset}",
-                                             "--config.pretrain_edit.train.steps=7"])
-    assert config.preset == preset and config.pretrain_edit.train.steps == 7
+                                             "--config.pretrain_edit.train.steps=70"])
+    assert config.preset == preset and config.pretrain_edit.train.steps == 70
 
 
 def test_changed_config_of_a_finished_stage_stops_the_job_before_running(smoke_job):
