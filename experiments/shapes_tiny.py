@@ -4,7 +4,7 @@
   python -m dreamlite_jax.main --config experiments/shapes_tiny.py --workdir runs/smoke \
       --config.preset=smoke          # every stage in about a minute (CI)
   python -m dreamlite_jax.main --config experiments/shapes_tiny.py --workdir runs/long \
-      --config.preset=long           # every stage several times longer (about an hour)
+      --config.preset=long           # every stage several times longer
 
 Same code paths as the paper configs, at CPU scale: the DreamLite U-Net class
 (tiny widths, MQA, qk-norm, separable ResBlocks), the Qwen3 text-encoder class
@@ -38,8 +38,9 @@ STAGES = "vae,pretrain_t2i,pretrain_edit,pretrain_joint,sft,rl,distill,eval,conv
 # `--config.preset=NAME` (big_vision's config argument; user overrides still win):
 #   default  the README's job: about 20 minutes on 2 idle cores;
 #   smoke    every stage in about a minute (CI): a 2-level U-Net, a few steps each;
-#   long     every stage several times longer, for about an hour on 2 cores, with a
-#            stage check every 500 U-Net steps for the learning curve.
+#   long     the U-Net stages 3-10x longer (12,600 steps), RL 3x, distillation 4x: about an
+#            hour on 2 cores by the default's step times; a stage check every 500 U-Net
+#            steps for the learning curve.
 PRESETS = ("default", "smoke", "long")
 
 
