@@ -79,6 +79,18 @@ def learning_curve(config: ml_collections.ConfigDict, workdir: str,
   return points
 
 
+def _save_figure(fig, path: str) -> str:
+  """Writes a matplotlib figure as a PNG to `path` (a URL too) and closes it."""
+  import matplotlib.pyplot as plt
+
+  fig.tight_layout()
+  png = io.BytesIO()
+  fig.savefig(png, format="png", dpi=110)
+  plt.close(fig)
+  epath.Path(path).write_bytes(png.getvalue())
+  return path
+
+
 def plot_learning_curve(points: list[dict], ceilings: dict, path: str) -> str | None:
   """T2I and edit score against U-Net steps (one PNG), stage ends marked, the VAE
   ceilings dashed; returns the path (None without points)."""
@@ -115,12 +127,7 @@ def plot_learning_curve(points: list[dict], ceilings: dict, path: str) -> str | 
   ax.set_ylim(0, 1.05)
   ax.tick_params(labelsize=7)
   ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-  fig.tight_layout()
-  png = io.BytesIO()
-  fig.savefig(png, format="png", dpi=110)
-  plt.close(fig)
-  epath.Path(path).write_bytes(png.getvalue())
-  return path
+  return _save_figure(fig, path)
 
 
 def build_scores(records: dict[str, dict]) -> dict[str, Any]:
@@ -182,12 +189,7 @@ def plot_losses(workdir: str, names: list[str], path: str) -> str | None:
     if min(losses) > 0:
       ax.set_yscale("log")
   axes[0][0].set_ylabel("loss", fontsize=8)
-  fig.tight_layout()
-  png = io.BytesIO()
-  fig.savefig(png, format="png", dpi=110)
-  plt.close(fig)
-  epath.Path(path).write_bytes(png.getvalue())
-  return path
+  return _save_figure(fig, path)
 
 
 def _score_table(records: dict[str, dict]) -> list[str]:
