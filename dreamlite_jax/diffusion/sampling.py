@@ -146,7 +146,7 @@ def guided_velocity(velocity_fn: VelocityFn, x: jax.Array, condition: jax.Array,
     velocity_fn: see module docstring.
     x: current target latents [B, H, W, C].
     condition: right half of the canvas [B, H, W, C] (zeros for T2I).
-    sigma: scalar noise level (the U-Net sees `sigma * 1000`).
+    sigma: the noise level, a scalar or one per row [B] (the U-Net sees `sigma * 1000`).
     cond: conditional inputs (pytree, leaves [B, ...]).
     uncond: unconditional inputs of the same structure and shapes, or None
       (no guidance: one branch).
@@ -170,7 +170,9 @@ def guided_velocity(velocity_fn: VelocityFn, x: jax.Array, condition: jax.Array,
       branches_c = [jnp.zeros_like(condition), condition, condition]
       branches_cond = [uncond, uncond, cond]
   canvas = packing.pack(jnp.concatenate(branches_x), jnp.concatenate(branches_c))
-  timestep = jnp.full((canvas.shape[0],), sigma * flow.NUM_TRAIN_TIMESTEPS, jnp.float32)
+  row_timesteps = jnp.broadcast_to(
+      jnp.asarray(sigma, jnp.float32) * flow.NUM_TRAIN_TIMESTEPS, (batch,))
+  timestep = jnp.concatenate([row_timesteps] * len(branches_x))
   out = velocity_fn(canvas, timestep, _concat_batches(branches_cond))
   if out.shape != canvas.shape:
     raise ValueError(f"velocity_fn returned {out.shape}, expected the canvas shape {canvas.shape}")

@@ -19,6 +19,7 @@ import numpy as np
 
 from dreamlite_jax.rewards import clip_model
 from dreamlite_jax.rewards import clip_weights
+from dreamlite_jax.rewards import image_text
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -52,17 +53,14 @@ def hf_tokenizer(directory: str, max_length: int) -> Tokenize:
   return tokenize
 
 
-class ClipReward:
+class ClipReward(image_text.ImageTextReward):
   """`reward(images, prompts, source_images=None) -> [B]` cosine similarities.
 
   `differentiable(images, ids, mask)` is the jax function ReFL uses.
   """
-  differentiable_available = True
-
   def __init__(self, config: clip_model.CLIPConfig, params: Any, tokenize: Tokenize):
     self.config, self.params, self.tokenize = config, params, tokenize
     self.model = clip_model.CLIP(config)
-    self._score = jax.jit(self.differentiable)
 
   @classmethod
   def from_pretrained(cls, directory: str) -> "ClipReward":
@@ -78,12 +76,3 @@ class ClipReward:
     img = img / jnp.linalg.norm(img, axis=-1, keepdims=True)
     txt = txt / jnp.linalg.norm(txt, axis=-1, keepdims=True)
     return jnp.sum(img * txt, axis=-1)
-
-  def __call__(self, images: Any, prompts: Sequence[str], source_images: Any = None) -> np.ndarray:
-    images = np.asarray(images)
-    if images.dtype == np.uint8:
-      images = images.astype(np.float32) / 127.5 - 1.0
-    if len(prompts) != images.shape[0]:
-      raise ValueError(f"{images.shape[0]} images but {len(prompts)} prompts")
-    ids, mask = self.tokenize(list(prompts))
-    return np.asarray(self._score(jnp.asarray(images, jnp.float32), ids, mask))

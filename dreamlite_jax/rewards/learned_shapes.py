@@ -38,6 +38,7 @@ from flax import traverse_util
 from safetensors import numpy as st_numpy
 
 from data_pipelines import shapes
+from dreamlite_jax.rewards import image_text
 from dreamlite_jax.rewards import shapes_text
 
 WEIGHTS_PATH = os.path.join(os.path.dirname(__file__), "weights", "shapes_reward.safetensors")
@@ -203,7 +204,7 @@ def score_fn(config: ShapesRewardConfig):
       model.apply({"params": params}, images), codes, mask)
 
 
-class LearnedShapesReward:
+class LearnedShapesReward(image_text.ImageTextReward):
   """The reward interface over the learned scene encoder.
 
   `reward(images, prompts, source_images=None) -> [B]` (numpy, in [0, 1]) takes
@@ -212,12 +213,9 @@ class LearnedShapesReward:
   `source_images` is unused). `differentiable(images, codes, mask)` is the jax
   function ReFL differentiates; `tokenize` turns captions into its inputs.
   """
-  differentiable_available = True
-
   def __init__(self, path: str = WEIGHTS_PATH):
     self.config, self.params, self.metrics = load_weights(path)
     self._apply = score_fn(self.config)
-    self._score = jax.jit(self.differentiable)
 
   def tokenize(self, prompts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
     """(codes int32 [B, CODE_LEN], mask float32 [B, MAX_CLAIMS]) = `shapes_text.encode`."""
@@ -226,12 +224,3 @@ class LearnedShapesReward:
   def differentiable(self, images: jax.Array, codes: jax.Array, mask: jax.Array) -> jax.Array:
     """Reward [B] in [0, 1] of images [B, H, W, 3] in [-1, 1]; differentiable in `images`."""
     return self._apply(self.params, images, codes, mask)
-
-  def __call__(self, images: Any, prompts: Sequence[str], source_images: Any = None) -> np.ndarray:
-    images = np.asarray(images)
-    if images.dtype == np.uint8:
-      images = images.astype(np.float32) / 127.5 - 1.0
-    if len(prompts) != images.shape[0]:
-      raise ValueError(f"{images.shape[0]} images but {len(prompts)} prompts")
-    codes, mask = self.tokenize(list(prompts))
-    return np.asarray(self._score(jnp.asarray(images, jnp.float32), codes, mask))

@@ -205,28 +205,18 @@ def guided_teacher_velocity(fn: PredictFn, params: Any, x: jax.Array, sigma: jax
                             condition: jax.Array, cond: dict, uncond: dict | None,
                             guidance_scale: float | None,
                             image_guidance_scale: float | None) -> jax.Array:
-  """`sampling.guided_velocity` with a per-example `sigma` [B]; returns [B, H, W, C].
+  """`sampling.guided_velocity` of the canvas model `fn` at `params`, each row at its own
+  `sigma` [B]; returns float32 [B, H, W, C].
 
   Scales as `sampling.guidance_scales` returns them (None = off). No guidance, and
-  guidance 1 without image guidance, are the plain conditional field (one branch).
+  guidance 1 without image guidance, are the plain conditional field: one branch.
   """
   if uncond is None or guidance_scale is None or (guidance_scale == 1.0
                                                   and image_guidance_scale is None):
-    return packing.target_velocity(fn, params, x, sigma, condition, cond)
-  b = x.shape[0]
-  if image_guidance_scale is None:
-    conds, cond_lat = [uncond, cond], [condition, condition]
-  else:
-    conds, cond_lat = [uncond, uncond, cond], [jnp.zeros_like(condition), condition, condition]
-  n = len(conds)
-  v = packing.target_velocity(fn, params, jnp.concatenate([x] * n),
-                              jnp.concatenate([sigma] * n), jnp.concatenate(cond_lat),
-                              jax.tree.map(lambda *xs: jnp.concatenate(xs), *conds))
-  if n == 2:
-    u, vt = v[:b], v[b:]
-    return u + guidance_scale * (vt - u)
-  u, vi, vt = v[:b], v[b:2 * b], v[2 * b:]
-  return u + guidance_scale * (vt - vi) + image_guidance_scale * (vi - u)
+    uncond, guidance_scale, image_guidance_scale = None, None, None
+  velocity_fn = lambda canvas, timestep, c: fn(params, canvas, timestep, c)
+  return sampling.guided_velocity(velocity_fn, x, condition, sigma, cond, uncond,
+                                  guidance_scale, image_guidance_scale)
 
 
 # ----------------------------------------------------------------------------
