@@ -79,6 +79,8 @@ _FIELDS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "stage_check.batch_size": _positive_int,
     "eval.seed": (_is_int, "must be an int"),
     "stage_check.seed": (_is_int, "must be an int"),
+    "stage_check.every": (lambda v: _is_int(v) and v >= 0,
+                          "must be an int >= 0 (0 = only at the end of each stage)"),
     "data.t2i_weight": (lambda v: _is_num(v) and v >= 0, "must be >= 0"),
     "data.edit_weight": (lambda v: _is_num(v) and v >= 0, "must be >= 0"),
     "data.t2i_cache": (lambda v: isinstance(v, str), "must be a path string ('' = none)"),

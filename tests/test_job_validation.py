@@ -286,6 +286,7 @@ TINY = os.path.join(ROOT, "experiments", "shapes_tiny.py")
     ("--config.distill.objective.teacher.steps=0", "config.distill.objective.teacher.steps = 0"),
     ("--config.distill.eval.teacher.guidance=-3.5", "config.distill.eval.teacher.guidance = -3.5"),
     ("--config.eval.batch_size=0", "config.eval.batch_size = 0: must be a positive int"),
+    ("--config.eval.stage_check.every=-1", "config.eval.stage_check.every = -1: must be an int >= 0"),
     # The names the one sampler shape replaced are unknown fields.
     ("--config.rl.sample_steps=4", "unknown config field: config.rl.sample_steps"),
     ("--config.rl.nft.sample_steps=4", "unknown config field: config.rl.nft.sample_steps"),
