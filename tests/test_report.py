@@ -43,9 +43,7 @@ def test_learning_curve_places_every_score_at_its_unet_updates(tmp_path):
       "vae": _record({"steps": 1000, "ceiling_t2i": 0.9, "ceiling_edit": 0.8}),
       "pretrain_t2i": _record({"steps": 30, "scores": _scores(0.4, 0.1)}),
       "rl": _record({"steps": 8, "scores": _scores(0.5, 0.1)}),
-      # Distillation's sampler comparison names edit accuracy `overall`.
-      "distill": _record({"steps": 4, "scores": {"t2i": {"overall": 0.45},
-                                                 "edit": {"overall": 0.2}}}),
+      "distill": _record({"steps": 4, "scores": _scores(0.45, 0.2)}),
       "eval": _record({"scores": _scores(0.47, 0.15)}),
   }
   curve = report.learning_curve(config, str(tmp_path), records)

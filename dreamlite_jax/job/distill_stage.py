@@ -402,4 +402,5 @@ def run_stage(ctx: Any) -> dict:
     with open(os.path.join(ctx.workdir, SCORES_FILE), "w") as f:
       json.dump({"summary": summary, "student_steps": k, **scores}, f, indent=2, sort_keys=True)
   return {"steps": step, "final_loss": metrics.get("loss"), "checkpoint": checkpoint,
-          "distill": summary, "scores": scores["student_4step"]}
+          "distill": summary, "scores": shapes_scoring.nest_scores(
+              scores["student_4step"]["t2i"], scores["student_4step"].get("edit", {}))}

@@ -45,11 +45,6 @@ def _final_scores(records: dict[str, dict]) -> dict | None:
   return scored[-1] if scored else None
 
 
-def _edit_accuracy(edit: dict) -> float | None:
-  # The eval sets' scores call it `accuracy`; distillation's sampler comparison `overall`.
-  return edit.get("accuracy", edit.get("overall"))
-
-
 def learning_curve(config: ml_collections.ConfigDict, workdir: str,
                    records: dict[str, dict]) -> list[dict[str, Any]]:
   """T2I and edit scores against the U-Net updates made so far, across the stages.
@@ -74,7 +69,7 @@ def learning_curve(config: ml_collections.ConfigDict, workdir: str,
     scores = results.get("scores")
     if scores and "t2i" in scores:
       points.append({"stage": name, "unet_steps": done, "t2i": scores["t2i"].get("overall"),
-                     "edit": _edit_accuracy(scores.get("edit", {})),
+                     "edit": scores.get("edit", {}).get("accuracy"),
                      "sampler": "student" if kind in ("distill", "eval") else "teacher"})
   return points
 
