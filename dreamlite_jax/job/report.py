@@ -229,8 +229,10 @@ def render_markdown(config: ml_collections.ConfigDict, workdir: str, records: di
             f"{_fmt(scores['vae']['ceiling_t2i_heldout'])}), edit "
             f"{_fmt(scores['vae']['ceiling_edit'])} (held-out "
             f"{_fmt(scores['vae']['ceiling_edit_heldout'])})",
-            f"- RL reward before {_fmt(scores['rl']['before'])} -> after {_fmt(scores['rl']['after'])}",
-            f"- Distillation: teacher {_fmt(scores['distill']['teacher'])}, teacher at 4 steps "
+            f"- RL before {_fmt(scores['rl']['before'])} -> after {_fmt(scores['rl']['after'])} "
+            f"(T2I overall with RL's evaluation sampler; on embedding caches the mean reward)",
+            f"- Distillation, the mean of T2I and edit: teacher "
+            f"{_fmt(scores['distill']['teacher'])}, teacher at 4 steps "
             f"without CFG {_fmt(scores['distill']['teacher_naive_4step'])} (with CFG "
             f"{_fmt(scores['distill']['teacher_naive_4step_cfg'])}), 4-step student "
             f"{_fmt(scores['distill']['student_4step'])}",
