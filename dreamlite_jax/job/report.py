@@ -231,7 +231,7 @@ def render_markdown(config: ml_collections.ConfigDict, workdir: str, records: di
             f"{_fmt(scores['vae']['ceiling_edit_heldout'])})",
             f"- RL before {_fmt(scores['rl']['before'])} -> after {_fmt(scores['rl']['after'])} "
             f"(T2I overall with RL's evaluation sampler; on embedding caches the mean reward)",
-            f"- Distillation, the mean of T2I and edit: teacher "
+            f"- Distillation, T2I and edit averaged (T2I alone without edits): teacher "
             f"{_fmt(scores['distill']['teacher'])}, teacher at 4 steps "
             f"without CFG {_fmt(scores['distill']['teacher_naive_4step'])} (with CFG "
             f"{_fmt(scores['distill']['teacher_naive_4step_cfg'])}), 4-step student "
