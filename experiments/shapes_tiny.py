@@ -239,14 +239,14 @@ def get_config(preset: str = "default") -> ml_collections.ConfigDict:
       # rows per sample.
       nft=ml_collections.ConfigDict(dict(group_size=pick(4, smoke=2), beta=1.0, adv_clip=2.0,
                                          noise_draws=2)),
+      # lr 1e-4: from the job's SFT model, lr 3e-4 took the teacher's edit accuracy from 0.23
+      # to 0.07 (T2I 0.385 -> 0.417); 1e-4 keeps 0.18 and reaches T2I 0.448 (docs/results.md,
+      # "Reward fine-tuning").
       train=train_defaults.train_config(
           steps=60, batch_size=128, lr=1e-4, schedule="constant", warmup_steps=0,
           weight_decay=0.0, grad_clip=1.0, ema_decay=0.9, log_every=1, checkpoint_every=20,
           keep_checkpoints=1, async_checkpoints=False),
-      # lr 1e-4: from the job's SFT model, lr 3e-4 took the teacher's edit accuracy from 0.23 to
-  # 0.07 (T2I 0.385 -> 0.417); 1e-4 keeps 0.18 and reaches T2I 0.448 (docs/results.md,
-  # "Reward fine-tuning").
-  # Scored with the teacher's sampler: RL tunes the model distillation starts from.
+      # Scored with the teacher's sampler: RL tunes the model distillation starts from.
       # 16 prompts per category (96 held-in, 96 held-out T2I, the same noise before and
       # after): at 8, one prompt moved a category by 0.125.
       eval=ml_collections.ConfigDict(dict(per_category=pick(16, smoke=1),
